@@ -1,0 +1,464 @@
+"""``python -m engine``: every job the app can start, headless.
+
+Bad input prints the same sentence the app shows and exits with status 2; an unexpected
+failure exits with 1. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserFacingError
+from engine.store import Workspace
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclasses.dataclass
+class ConsoleContext:
+    """A task context that prints progress to stderr (used instead of a job worker)."""
+
+    workspace: Workspace
+    quiet: bool = False
+    _last: float = 0.0
+
+    def progress(
+        self, fraction: float, message: str = "", *, metrics: dict[str, float] | None = None
+    ) -> None:
+        now = time.monotonic()
+        if self.quiet or (now - self._last < 0.5 and fraction < 1.0):
+            return
+        self._last = now
+        extra = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
+        print(f"[{fraction * 100:5.1f}%] {message} {extra}".rstrip(), file=sys.stderr)
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr)
+
+
+def _context(args: argparse.Namespace) -> ConsoleContext:
+    return ConsoleContext(Workspace(args.workspace), quiet=args.quiet)
+
+
+def _print(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def _resolve_dataset(args: argparse.Namespace, context: ConsoleContext, ref: str) -> str:
+    """Return a dataset id: ``ref`` is an id in the workspace or a path to import."""
+    from engine.tasks import import_dataset
+
+    if context.workspace.get_dataset(ref) is not None:
+        return ref
+    path = Path(ref)
+    if not path.exists():
+        raise UserFacingError(
+            f"{ref} is neither a dataset id in the workspace nor a file or folder."
+        )
+    result = import_dataset(
+        {"path": str(path), "cells_as_columns": getattr(args, "cells_as_columns", False)},
+        context,
+    )
+    return result["dataset_id"]
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engine.data.readers import FORMATS, detect_format, read_dataset
+    from engine.data.roles import guess_roles
+    from engine.data.summary import summarize
+    from engine.data.validate import validate_dataset
+
+    path = Path(args.path)
+    workspace = Workspace(args.workspace)
+    scratch = workspace.scratch_dir()
+    try:
+        fmt = "zip" if path.suffix.lower() == ".zip" else detect_format(path)
+        adata = read_dataset(path, cells_as_columns=args.cells_as_columns, workdir=scratch)
+        check = validate_dataset(adata)
+        summary = summarize(adata)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    _print(
+        {
+            "path": str(path),
+            "format": FORMATS.get(fmt, fmt),
+            "n_cells": summary.n_cells,
+            "n_genes": summary.n_genes,
+            "nnz": summary.nnz,
+            "sparsity": round(summary.sparsity, 4),
+            "is_counts": check.is_counts,
+            "counts": check.message,
+            "mito_genes": summary.mito_genes,
+            "roles_guessed": guess_roles(adata.obs),
+            "obs_columns": list(adata.obs.columns),
+        }
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from engine.tasks import import_dataset
+
+    context = _context(args)
+    result = import_dataset(
+        {
+            "path": args.path,
+            "name": args.name,
+            "cells_as_columns": args.cells_as_columns,
+            "make_unique": args.make_unique,
+            "layer": args.layer,
+        },
+        context,
+    )
+    _print(result)
+    return 0
+
+
+def cmd_roles(args: argparse.Namespace) -> int:
+    workspace = Workspace(args.workspace)
+    record = workspace.get_dataset(args.dataset)
+    if record is None:
+        raise UserFacingError(f"No dataset {args.dataset} in the workspace {workspace.root}.")
+    roles = dict(record.roles)
+    for item in args.set or []:
+        role, _, column = item.partition("=")
+        roles[role] = column or None
+    record = workspace.set_roles(record.id, roles)
+    _print(record.roles)
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from engine.tasks import split_dataset
+
+    context = _context(args)
+    dataset_id = _resolve_dataset(args, context, args.dataset)
+    record = context.workspace.get_dataset(dataset_id)
+    donor_col = args.donor_col if args.donor_col is not None else record.roles.get("donor")
+    stratify = args.stratify
+    if stratify is None:
+        stratify = [c for c in (record.roles.get("cell_type"), record.roles.get("condition")) if c]
+    result = split_dataset(
+        {
+            "dataset_id": dataset_id,
+            "donor_col": donor_col or None,
+            "stratify": stratify,
+            "test_fraction": args.test_fraction,
+            "seed": args.seed,
+        },
+        context,
+    )
+    split = context.workspace.get_split(result["split_id"])
+    _print({**result, "split_csv": str(context.workspace.split_csv(split.id)),
+            "train_donors": split.train_donors, "test_donors": split.test_donors})
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from engine.generators.base import config_from_dict
+    from engine.generators.mock import SCENARIOS, MockConfig, config_to_kwargs
+
+    config_values: dict[str, Any] = {}
+    if args.config:
+        config_values = json.loads(Path(args.config).read_text())
+    if args.write_config:
+        template = dataclasses.asdict(MockConfig())
+        template.update(config_values)
+        Path(args.write_config).write_text(json.dumps(template, indent=2))
+        print(f"wrote a config template to {args.write_config}", file=sys.stderr)
+        if not (args.scenario or args.all):
+            return 0
+    scenarios = list(SCENARIOS) if args.all else [args.scenario or "paired"]
+    for name in ("n_cells", "n_genes", "seed"):
+        if getattr(args, name) is not None:
+            config_values[name] = getattr(args, name)
+    outputs = []
+    context = _context(args)
+    for scenario in scenarios:
+        try:
+            config = config_from_dict(MockConfig, {**config_values, "problem_type": scenario})
+        except ValueError as exc:
+            raise UserFacingError(str(exc)) from exc
+        if args.out:
+            outputs.append(_write_mock(config_to_kwargs(config), Path(args.out), len(scenarios)))
+        else:
+            from engine.tasks import mock_dataset
+
+            outputs.append(mock_dataset(dataclasses.asdict(config), context))
+    _print(outputs)
+    return 0
+
+
+def _write_mock(kwargs: dict[str, Any], out: Path, n_scenarios: int) -> dict[str, Any]:
+    """Write one mock dataset to ``out`` (a file, or a folder when several scenarios)."""
+    from engine.generators.mock import generate_mock_dataset
+    from engine.store import write_h5ad_atomic
+
+    adata, keys = generate_mock_dataset(**kwargs)
+    adata.uns["mock_keys"] = json.dumps(keys)
+    target = out / f"mock_{kwargs['problem_type']}.h5ad" if n_scenarios > 1 else out
+    write_h5ad_atomic(adata, target)
+    return {"path": str(target), "n_cells": adata.n_obs, "n_genes": adata.n_vars, "keys": keys}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.tasks import train_generator
+
+    context = _context(args)
+    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        config[name] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    dataset_id = _resolve_dataset(args, context, args.dataset) if args.dataset else None
+    result = train_generator(
+        {
+            "generator": args.generator,
+            "config": config,
+            "seed": args.seed,
+            "dataset_id": dataset_id,
+            "split_id": args.split,
+            "n_cells": args.n_cells,
+        },
+        context,
+    )
+    _print({**result, "folder": str(context.workspace.run_dir(result["run_key"]))})
+    return 0
+
+
+def cmd_generators(args: argparse.Namespace) -> int:
+    from engine.generators.base import config_fields
+    from engine.generators.registry import list_generators
+
+    _print(
+        [
+            {
+                "name": g.name,
+                "label": g.label,
+                "capabilities": g.capabilities.as_labels(),
+                "config": {f.name: f.default for f in config_fields(g.config_class)},
+            }
+            for g in list_generators()
+        ]
+    )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    workspace = Workspace(args.workspace)
+    rows = [
+        {
+            "key": r.key,
+            "generator": r.generator,
+            "cells": r.n_cells,
+            "genes": r.n_genes,
+            "privacy": r.privacy_label,
+            "duration_s": r.duration_s,
+            "size_mb": round(r.size_bytes / 1e6, 2),
+            "dataset": r.dataset_id,
+            "split": r.split_id,
+            "path": str(workspace.synthetic_path(r.key)),
+        }
+        for r in workspace.list_runs()
+    ]
+    _print(rows)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    workspace = Workspace(args.workspace)
+    _print([dataclasses.asdict(r) for r in workspace.list_datasets()])
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from engine.jobs import JobManager
+
+    manager = JobManager(Workspace(args.workspace), start_scheduler=False)
+    _print(
+        [
+            {"id": r.id, "title": r.title, "status": r.status, "progress": r.progress,
+             "message": r.message, "error": r.error}
+            for r in manager.list(limit=args.limit)
+        ]
+    )
+    return 0
+
+
+def cmd_generate_split_indices(args: argparse.Namespace) -> int:
+    """The seed tool's verb: write a CSV of cell -> side (train/test) for a data file."""
+    from engine.data.readers import read_dataset
+    from engine.data.split import generate_split_indices
+
+    workspace = Workspace(args.workspace)
+    scratch = workspace.scratch_dir()
+    try:
+        adata = read_dataset(Path(args.path), workdir=scratch)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    frame = generate_split_indices(
+        adata.obs,
+        donor_col=args.donor_col,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        stratify=args.stratify or [],
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(out)
+    counts = frame["side"].value_counts().to_dict() if "side" in frame else {}
+    _print({"out": str(out), "rows": len(frame), "sides": counts})
+    return 0
+
+
+def cmd_generate_data_splits(args: argparse.Namespace) -> int:
+    """The seed tool's verb: write train.h5ad and test.h5ad from a data file and an index CSV."""
+    import pandas as pd
+
+    from engine.data.readers import read_dataset
+    from engine.store import write_h5ad_atomic
+
+    workspace = Workspace(args.workspace)
+    scratch = workspace.scratch_dir()
+    try:
+        adata = read_dataset(Path(args.path), workdir=scratch)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    frame = pd.read_csv(args.indices)
+    if "cell_id" in frame:
+        sides = frame.set_index("cell_id")["side"].reindex(adata.obs_names.astype(str))
+    else:
+        sides = pd.Series(frame["side"].to_numpy(), index=adata.obs_names[frame["index"]])
+        sides = sides.reindex(adata.obs_names)
+    if sides.isna().any():
+        raise UserFacingError(
+            f"{int(sides.isna().sum())} cells of {args.path} are not in {args.indices}: "
+            "make the indices from the same data file."
+        )
+    out = Path(args.out_dir)
+    written = {}
+    for side in ("train", "test"):
+        part = adata[(sides == side).to_numpy()].copy()
+        part.obs["split"] = side
+        target = out / f"{side}.h5ad"
+        write_h5ad_atomic(part, target)
+        written[side] = {"path": str(target), "n_cells": int(part.n_obs)}
+    _print(written)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    parser.add_argument("--workspace", help="workspace folder (default: $SYNTHCELL_WORKSPACE "
+                        "or ./workspace)")
+    parser.add_argument("--quiet", action="store_true", help="print no progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="read a dataset and report format, shape, counts, roles")
+    p.add_argument("path")
+    p.add_argument("--cells-as-columns", action="store_true",
+                   help="CSV/TSV: cells are columns, genes rows")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import", help="read a dataset, check it and store it in the workspace")
+    p.add_argument("path")
+    p.add_argument("--name")
+    p.add_argument("--cells-as-columns", action="store_true")
+    p.add_argument("--make-unique", action="store_true", help="make duplicated names unique")
+    p.add_argument("--layer", help="use this layer (or 'raw') as the counts")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("datasets", help="list datasets in the workspace")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("roles", help="show or set column roles: roles ID donor=individual ...")
+    p.add_argument("dataset")
+    p.add_argument("set", nargs="*", metavar="ROLE=COLUMN")
+    p.set_defaults(func=cmd_roles)
+
+    p = sub.add_parser("split", help="donor-disjoint train/test split of a dataset (id or path)")
+    p.add_argument("dataset")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--donor-col", help="donor column (default: the dataset's donor role); "
+                   "'' for a cell-level split")
+    p.add_argument("--stratify", nargs="*", help="columns to balance (default: cell type "
+                   "and condition roles)")
+    p.add_argument("--cells-as-columns", action="store_true")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("mock", help="make a multimodal mock dataset")
+    p.add_argument("--scenario", help="paired|unpaired|bridge|mosaic|prediction|hierarchical")
+    p.add_argument("--all", action="store_true", help="every scenario")
+    p.add_argument("--config", help="JSON config (see --write-config)")
+    p.add_argument("--write-config", metavar="FILE", help="write a config template")
+    p.add_argument("--n-cells", type=int)
+    p.add_argument("--n-genes", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="write .h5ad here (a folder with --all) instead of storing "
+                   "it in the workspace")
+    p.set_defaults(func=cmd_mock)
+
+    p = sub.add_parser("generators", help="list generators, capabilities and default configs")
+    p.set_defaults(func=cmd_generators)
+
+    p = sub.add_parser("train", help="train a generator and sample synthetic cells")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--dataset", help="dataset id or path")
+    p.add_argument("--split", help="split id (from `split`)")
+    p.add_argument("--config", help="JSON config file")
+    p.add_argument("--set", nargs="*", metavar="NAME=VALUE", help="config values")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-cells", type=int, help="synthetic cells to sample")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("jobs", help="list background jobs of the app")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("generate-split-indices",
+                       help="(seed tool verb) write a CSV of cell -> train/test")
+    p.add_argument("path")
+    p.add_argument("--out", required=True)
+    p.add_argument("--donor-col")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stratify", nargs="*")
+    p.set_defaults(func=cmd_generate_split_indices)
+
+    p = sub.add_parser("generate-data-splits",
+                       help="(seed tool verb) write train.h5ad and test.h5ad from indices")
+    p.add_argument("path")
+    p.add_argument("--indices", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_generate_data_splits)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserFacingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

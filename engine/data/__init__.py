@@ -1,0 +1,1 @@
+"""Reading, checking, summarising and splitting count data."""

@@ -1,0 +1,34 @@
+"""The registry of generators the Train page lists and the CLI accepts by name."""
+
+from __future__ import annotations
+
+from engine.generators.base import Generator
+
+REGISTRY: dict[str, type[Generator]] = {}
+
+
+def register(cls: type[Generator]) -> type[Generator]:
+    """Class decorator: add a generator to the registry under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    # Importing a generator module registers it; kept lazy so importing the registry is cheap.
+    import engine.generators.mock_generator  # noqa: F401
+
+
+def list_generators() -> list[type[Generator]]:
+    """Return every registered generator class, in registration order."""
+    _load_builtin()
+    return list(REGISTRY.values())
+
+
+def get_generator(name: str) -> type[Generator]:
+    """Return the generator class called ``name``; ValueError listing the known names."""
+    _load_builtin()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise ValueError(f"Unknown generator {name!r}; known generators: {known}.") from None

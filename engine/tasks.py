@@ -1,0 +1,372 @@
+"""The jobs the app and the CLI can start: each is a function ``(params, context) -> result``.
+
+The UI submits them to the :class:`engine.jobs.JobManager` (which runs them in a worker
+process); the CLI calls the same functions directly with a console progress reporter.
+Results are small JSON-able dicts naming what was written to the workspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.errors import DataError, UserFacingError
+from engine.store import RunRecord, Workspace, atomic_write_json
+
+
+class Context(Protocol):
+    """What a task receives besides its parameters (see :class:`engine.worker.JobContext`)."""
+
+    workspace: Workspace
+
+    def progress(
+        self, fraction: float, message: str = "", *, metrics: dict[str, float] | None = None
+    ) -> None: ...
+
+    def log(self, text: str) -> None: ...
+
+
+# -- datasets --------------------------------------------------------------------------------
+def store_dataset(
+    adata: Any,
+    context: Context,
+    *,
+    name: str,
+    source: str,
+    origin: str,
+    notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Validate, summarise and store ``adata``; return ``{dataset_id, ...}``.
+
+    Writes the dataset folder plus ``summary.json`` and ``qc.parquet`` (per-cell library
+    size, detected genes, mitochondrial fraction) so pages never recompute them.
+    """
+    from engine.data.roles import guess_roles
+    from engine.data.summary import summarize
+    from engine.data.validate import validate_dataset
+
+    context.progress(0.5, "checking values")
+    check = validate_dataset(adata)
+    context.progress(0.6, "summarising")
+    summary = summarize(adata)
+    roles = guess_roles(adata.obs)
+    context.progress(0.75, "writing to the workspace")
+    record = context.workspace.add_dataset(
+        adata,
+        name=name,
+        source=source,
+        is_counts=check.is_counts,
+        counts_message=check.message,
+        roles=roles,
+        origin=origin,
+        notes=notes,
+    )
+    write_summary(context.workspace, record.id, summary)
+    context.workspace.set_state(dataset_id=record.id)
+    context.progress(1.0, f"stored {record.n_cells} cells × {record.n_genes} genes")
+    return {
+        "dataset_id": record.id,
+        "message": f"Opened {name}: {record.n_cells:,} cells × {record.n_genes:,} genes.",
+    }
+
+
+def write_summary(workspace: Workspace, dataset_id: str, summary: Any) -> None:
+    """Write ``summary.json`` and ``qc.parquet`` beside a stored dataset."""
+    import pandas as pd
+
+    folder = workspace.dataset_dir(dataset_id)
+    qc = pd.DataFrame(
+        {
+            "library_size": np.asarray(summary.library_size, dtype=np.float64),
+            "n_detected": np.asarray(summary.n_detected, dtype=np.int64),
+        }
+    )
+    if summary.mito_fraction is not None:
+        qc["mito_fraction"] = np.asarray(summary.mito_fraction, dtype=np.float64)
+    tmp = folder / ".qc.parquet.tmp"
+    qc.to_parquet(tmp)
+    tmp.replace(folder / "qc.parquet")
+    atomic_write_json(
+        folder / "summary.json",
+        {
+            "n_cells": summary.n_cells,
+            "n_genes": summary.n_genes,
+            "nnz": summary.nnz,
+            "sparsity": summary.sparsity,
+            "is_counts": summary.counts.is_counts,
+            "counts_message": summary.counts.message,
+            "mito_genes": summary.mito_genes,
+            "obs_columns": json.loads(summary.obs_columns.to_json(orient="records")),
+        },
+    )
+
+
+def import_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Read a file or folder, check it, and store it as a dataset.
+
+    params: ``path``; optional ``name``, ``cells_as_columns``, ``make_unique``,
+    ``layer`` (use this layer / 'raw' as the counts), ``delete_source`` (for uploads),
+    ``origin``.
+    """
+    from engine.data.readers import read_dataset
+    from engine.data.validate import make_names_unique, use_counts_layer
+
+    path = Path(params["path"])
+    scratch = context.workspace.scratch_dir()
+    try:
+        context.progress(0.05, f"reading {path.name}")
+        adata = read_dataset(
+            path, cells_as_columns=bool(params.get("cells_as_columns")), workdir=scratch
+        )
+        if params.get("make_unique"):
+            adata = make_names_unique(adata)
+        if params.get("layer"):
+            adata = use_counts_layer(adata, params["layer"])
+        return store_dataset(
+            adata,
+            context,
+            name=params.get("name") or path.name,
+            source=str(params.get("source") or path),
+            origin=params.get("origin", "file"),
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        if params.get("delete_source"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def mock_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Generate a multimodal mock dataset, embed it for a preview, and store it.
+
+    params: the :class:`engine.generators.mock.MockConfig` fields; optional ``name``.
+    Writes ``obsm['X_umap']`` (UMAP of the complete RNA profiles) into the stored data.
+    """
+    from engine.evaluate.embedding import umap_embedding
+    from engine.generators.base import config_from_dict
+    from engine.generators.mock import MockConfig, config_to_kwargs, generate_mock_dataset
+
+    config = config_from_dict(MockConfig, params)
+    kwargs = config_to_kwargs(config)
+
+    def report(fraction: float, message: str = "") -> None:
+        context.progress(0.6 * fraction, message or "generating")
+
+    adata, keys = generate_mock_dataset(**kwargs, progress=report)
+    context.progress(0.6, "embedding for the preview (UMAP)")
+    truth_layer = keys.get("truth", {}).get("rna", "")
+    layer = truth_layer.split("/", 1)[1] if truth_layer.startswith("layers/") else None
+    adata.obsm["X_umap"] = umap_embedding(adata, layer=layer, seed=int(kwargs.get("seed", 0)))
+    adata.uns["mock_keys"] = json.dumps(keys)
+    name = params.get("name") or f"mock {kwargs['problem_type']} (seed {kwargs.get('seed', 0)})"
+    return store_dataset(
+        adata, context, name=name, source="multimodal mock generator", origin="mock",
+        notes={"scenario": kwargs["problem_type"], "keys": keys},
+    )
+
+
+# -- splits ------------------------------------------------------------------------------------
+def split_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Split a stored dataset into train / test by donor (or by cell without a donor role).
+
+    params: ``dataset_id``, ``test_fraction``, ``seed``, optional ``donor_col`` and
+    ``stratify`` (columns). Writes the split folder (``split.csv``, ``train.h5ad``,
+    ``test.h5ad``).
+    """
+    from engine.data.split import apply_split, split_cells
+
+    workspace = context.workspace
+    dataset_id = params["dataset_id"]
+    record = workspace.get_dataset(dataset_id)
+    if record is None:
+        raise DataError("That dataset is no longer in the workspace; open it again.")
+    context.progress(0.1, "reading the dataset")
+    adata = workspace.load_dataset(dataset_id)
+    context.progress(0.3, "choosing test donors")
+    result = split_cells(
+        adata.obs,
+        donor_col=params.get("donor_col") or None,
+        stratify=list(params.get("stratify") or []),
+        test_fraction=float(params.get("test_fraction", 0.2)),
+        seed=int(params.get("seed", 0)),
+    )
+    context.progress(0.6, "writing train and test sets")
+    train, test = apply_split(adata, result)
+    split = workspace.save_split(
+        dataset_id,
+        split_frame=result.to_frame(),
+        train=train,
+        test=test,
+        unit=result.unit,
+        label=result.label,
+        params=result.params(),
+        train_donors=result.train_donors,
+        test_donors=result.test_donors,
+    )
+    workspace.set_state(dataset_id=dataset_id, split_id=split.id)
+    context.progress(1.0, "split saved")
+    return {
+        "split_id": split.id,
+        "message": (
+            f"{result.label}: {split.n_train:,} training cells, {split.n_test:,} test cells."
+        ),
+    }
+
+
+# -- training ------------------------------------------------------------------------------------
+def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Fit a generator on a split's training cells and sample synthetic cells.
+
+    params: ``generator``, ``config`` (dict), ``seed``, optional ``dataset_id``,
+    ``split_id``, ``n_cells``. Asking for a run that exists returns it at once. Writes
+    ``runs/<key>/`` with ``config.json``, ``model/``, ``synthetic.h5ad`` (provenance in
+    ``uns['synthcell']``), ``privacy.json``, ``metrics.json``, ``log.txt``, ``meta.json``.
+    """
+    from engine.generators.base import config_from_dict
+    from engine.generators.registry import get_generator
+
+    workspace = context.workspace
+    generator_cls = get_generator(params["generator"])
+    try:
+        config = config_from_dict(generator_cls.config_class, params.get("config") or {})
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
+    config_dict = dataclasses.asdict(config)
+    seed = int(params.get("seed", 0))
+    dataset_id = params.get("dataset_id")
+    split_id = params.get("split_id")
+    key = workspace.run_key(
+        dataset_id=dataset_id, split_id=split_id, generator=generator_cls.name,
+        config={**config_dict, "n_cells": params.get("n_cells")}, seed=seed,
+    )
+    existing = workspace.get_run(key)
+    if existing is not None:
+        context.progress(1.0, "found a stored run with the same inputs")
+        return {"run_key": key, "cached": True, "message": "Returned the stored run."}
+
+    train = None
+    if generator_cls.capabilities.uses_real_data:
+        if not split_id:
+            raise UserFacingError(
+                f"{generator_cls.label} learns from real cells: make a split on the Split "
+                "page first, so it trains on the training donors only."
+            )
+        context.progress(0.02, "reading the training cells")
+        train = workspace.load_split_side(split_id, "train")
+    elif split_id:
+        split = workspace.get_split(split_id)
+        train = workspace.load_split_side(split_id, "train") if split else None
+
+    started = time.time()
+    log_lines: list[str] = []
+
+    def report(fraction: float, message: str = "") -> None:
+        context.progress(0.05 + 0.45 * fraction, message or "fitting")
+        if message:
+            log_lines.append(f"{time.time() - started:8.2f}s fit {message}")
+
+    model = generator_cls(config)
+    model.fit(train, progress=report)
+
+    def report_sampling(fraction: float, message: str = "") -> None:
+        context.progress(0.5 + 0.4 * fraction, message or "sampling")
+        if message:
+            log_lines.append(f"{time.time() - started:8.2f}s sample {message}")
+
+    n_cells = params.get("n_cells")
+    synthetic = model.sample(int(n_cells) if n_cells else None, seed=seed,
+                             progress=report_sampling)
+    context.progress(0.92, "writing the run")
+    provenance = {
+        "run_key": key,
+        "generator": generator_cls.name,
+        "config": json.dumps(config_dict),
+        "seed": seed,
+        "dataset_id": dataset_id or "",
+        "split_id": split_id or "",
+        "privacy_label": model.privacy_label,
+        "privacy_spend": json.dumps(model.privacy_spend()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    synthetic.uns["synthcell"] = provenance
+    duration = time.time() - started
+    with workspace.building_run(key) as folder:
+        atomic_write_json(folder / "config.json", {**provenance, "config": config_dict})
+        model.save(folder / "model")
+        synthetic.write_h5ad(folder / "synthetic.h5ad", compression="gzip")
+        atomic_write_json(folder / "privacy.json",
+                          {"label": model.privacy_label, **model.privacy_spend()})
+        atomic_write_json(folder / "metrics.json", _basic_metrics(synthetic, train))
+        (folder / "log.txt").write_text("\n".join(log_lines) + "\n")
+        workspace.finish_run(
+            folder,
+            RunRecord(
+                key=key, generator=generator_cls.name, config=config_dict, seed=seed,
+                dataset_id=dataset_id, split_id=split_id, privacy_label=model.privacy_label,
+                privacy=model.privacy_spend(), n_cells=int(synthetic.n_obs),
+                n_genes=int(synthetic.n_vars), duration_s=round(duration, 3),
+                job_id=getattr(getattr(context, "record", None), "id", None),
+            ),
+        )
+    workspace.set_state(run_key=key)
+    context.progress(1.0, "run stored")
+    return {
+        "run_key": key,
+        "cached": False,
+        "message": f"Made {synthetic.n_obs:,} synthetic cells in {duration:.1f} s.",
+    }
+
+
+def _basic_metrics(synthetic: Any, train: Any) -> dict[str, Any]:
+    """Return library-size and sparsity figures of the synthetic (and training) cells."""
+    import scipy.sparse as sp
+
+    def figures(adata: Any) -> dict[str, float]:
+        matrix = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
+        library = np.asarray(matrix.sum(axis=1)).ravel()
+        return {
+            "n_cells": int(adata.n_obs),
+            "median_library_size": float(np.median(library)) if library.size else 0.0,
+            "zero_fraction": 1.0 - matrix.nnz / max(1, adata.n_obs * adata.n_vars),
+        }
+
+    out = {"synthetic": figures(synthetic)}
+    if train is not None:
+        out["train"] = figures(train)
+    return out
+
+
+TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
+
+TASKS: dict[str, TaskFn] = {
+    "import_dataset": import_dataset,
+    "mock_dataset": mock_dataset,
+    "split": split_dataset,
+    "train": train_generator,
+}
+
+
+def resolve_task(kind: str) -> TaskFn:
+    """Return the task function for ``kind``: a name in :data:`TASKS`, or ``"module:function"``
+    for tasks defined outside the engine (plugins, tests). Raises ValueError if unknown."""
+    if kind in TASKS:
+        return TASKS[kind]
+    if ":" in kind:
+        import importlib
+
+        module_name, _, function_name = kind.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot find task {kind!r}: {exc}") from exc
+    raise ValueError(f"unknown job kind {kind!r}; known: {sorted(TASKS)}")
