@@ -294,66 +294,91 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate_split_indices(args: argparse.Namespace) -> int:
-    """The seed tool's verb: write a CSV of cell -> side (train/test) for a data file."""
+def _read_for_split(args: argparse.Namespace) -> Any:
     from engine.data.readers import read_dataset
-    from engine.data.split import generate_split_indices
 
     workspace = Workspace(args.workspace)
     scratch = workspace.scratch_dir()
     try:
-        adata = read_dataset(Path(args.path), workdir=scratch)
+        return read_dataset(Path(args.path), workdir=scratch)
     finally:
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
-    frame = generate_split_indices(
+
+
+def cmd_generate_split_indices(args: argparse.Namespace) -> int:
+    """The seed tool's verb: write the split as ``{splits: {split_1: {train_index, test_index}}}``
+    YAML (the challenge tools' layout, cell ids), or as a cell_id,side CSV when ``--out``
+    ends in ``.csv``."""
+    import pandas as pd
+    import yaml
+
+    from engine.data.split import generate_split_indices
+
+    adata = _read_for_split(args)
+    layout = generate_split_indices(
         adata.obs,
         donor_col=args.donor_col,
         test_fraction=args.test_fraction,
         seed=args.seed,
         stratify=args.stratify or [],
     )
+    split = layout["splits"]["split_1"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    frame.to_csv(tmp, index=False)
+    if out.suffix.lower() == ".csv":
+        frame = pd.DataFrame(
+            {"cell_id": split["train_index"] + split["test_index"],
+             "side": ["train"] * len(split["train_index"]) + ["test"] * len(split["test_index"])}
+        )
+        frame.to_csv(tmp, index=False)
+    else:
+        tmp.write_text(yaml.safe_dump(layout, sort_keys=False))
     tmp.replace(out)
-    counts = frame["side"].value_counts().to_dict() if "side" in frame else {}
-    _print({"out": str(out), "rows": len(frame), "sides": counts})
+    _print({"out": str(out), "train": len(split["train_index"]), "test": len(split["test_index"])})
     return 0
 
 
-def cmd_generate_data_splits(args: argparse.Namespace) -> int:
-    """The seed tool's verb: write train.h5ad and test.h5ad from a data file and an index CSV."""
+def _read_sides(path: Path) -> dict[str, str]:
+    """Read cell id -> side from a split YAML (challenge layout) or a cell_id,side CSV."""
     import pandas as pd
+    import yaml
 
-    from engine.data.readers import read_dataset
+    if path.suffix.lower() in (".yaml", ".yml"):
+        layout = yaml.safe_load(path.read_text())
+        try:
+            split = next(iter(layout["splits"].values()))
+            train, test = split["train_index"], split["test_index"]
+        except (KeyError, TypeError, StopIteration) as exc:
+            raise UserFacingError(
+                f"{path} is not a split file: it needs splits: split_1: train_index / test_index."
+            ) from exc
+        return {**{str(c): "train" for c in train}, **{str(c): "test" for c in test}}
+    frame = pd.read_csv(path, dtype=str)
+    if not {"cell_id", "side"} <= set(frame.columns):
+        raise UserFacingError(f"{path} needs the columns cell_id and side.")
+    return dict(zip(frame["cell_id"], frame["side"], strict=True))
+
+
+def cmd_generate_data_splits(args: argparse.Namespace) -> int:
+    """The seed tool's verb: write train.h5ad and test.h5ad from a data file and its split."""
     from engine.store import write_h5ad_atomic
 
-    workspace = Workspace(args.workspace)
-    scratch = workspace.scratch_dir()
-    try:
-        adata = read_dataset(Path(args.path), workdir=scratch)
-    finally:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
-    frame = pd.read_csv(args.indices)
-    if "cell_id" in frame:
-        sides = frame.set_index("cell_id")["side"].reindex(adata.obs_names.astype(str))
-    else:
-        sides = pd.Series(frame["side"].to_numpy(), index=adata.obs_names[frame["index"]])
-        sides = sides.reindex(adata.obs_names)
-    if sides.isna().any():
+    adata = _read_for_split(args)
+    sides = _read_sides(Path(args.indices))
+    assigned = adata.obs_names.astype(str).map(lambda c: sides.get(c, ""))
+    missing = int((assigned == "").sum())
+    if missing:
         raise UserFacingError(
-            f"{int(sides.isna().sum())} cells of {args.path} are not in {args.indices}: "
-            "make the indices from the same data file."
+            f"{missing} cells of {args.path} are not in {args.indices}: "
+            "make the split from the same data file."
         )
     out = Path(args.out_dir)
     written = {}
     for side in ("train", "test"):
-        part = adata[(sides == side).to_numpy()].copy()
+        part = adata[(assigned == side)].copy()
         part.obs["split"] = side
         target = out / f"{side}.h5ad"
         write_h5ad_atomic(part, target)
@@ -436,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("generate-split-indices",
-                       help="(seed tool verb) write a CSV of cell -> train/test")
+                       help="(seed tool verb) write the split as YAML (or CSV with .csv)")
     p.add_argument("path")
     p.add_argument("--out", required=True)
     p.add_argument("--donor-col")
@@ -448,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate-data-splits",
                        help="(seed tool verb) write train.h5ad and test.h5ad from indices")
     p.add_argument("path")
-    p.add_argument("--indices", required=True)
+    p.add_argument("--indices", required=True, help="the YAML or CSV from generate-split-indices")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_generate_data_splits)
     return parser

@@ -175,6 +175,17 @@ class RunRecord:
     job_id: str | None = None
 
 
+def _read_h5ad_element(path: Path, key: str) -> Any:
+    """Read one element (``obs``, ``obsm/X_umap``, ...) of an .h5ad file without the rest."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        if key not in handle:
+            return None
+        return read_elem(handle[key])
+
+
 def _from_dict(cls: type, payload: dict[str, Any]) -> Any:
     known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
     return cls(**known)
@@ -303,6 +314,21 @@ class Workspace:
     def load_dataset(self, dataset_id: str, *, backed: bool = False) -> ad.AnnData:
         """Read the stored AnnData of ``dataset_id`` (``backed='r'`` keeps X on disk)."""
         return ad.read_h5ad(self.dataset_path(dataset_id), backed="r" if backed else None)
+
+    def load_obs(self, dataset_id: str) -> pd.DataFrame:
+        """Read only the cell metadata (``obs``) of a stored dataset, not its matrix."""
+        return _read_h5ad_element(self.dataset_path(dataset_id), "obs")
+
+    def load_obsm(self, dataset_id: str, key: str) -> np.ndarray | None:
+        """Read one ``obsm`` entry of a stored dataset (None when absent)."""
+        return _read_h5ad_element(self.dataset_path(dataset_id), f"obsm/{key}")
+
+    def dataset_summary(self, dataset_id: str) -> tuple[dict[str, Any], pd.DataFrame | None]:
+        """Return the stored ``summary.json`` and per-cell QC table of a dataset."""
+        folder = self.dataset_dir(dataset_id)
+        summary = read_json(folder / "summary.json", {}) or {}
+        qc_path = folder / "qc.parquet"
+        return summary, (pd.read_parquet(qc_path) if qc_path.exists() else None)
 
     def set_roles(self, dataset_id: str, roles: dict[str, str | None]) -> DatasetRecord:
         """Save the column-role mapping with the dataset; return the updated record."""

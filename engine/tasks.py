@@ -117,8 +117,11 @@ def import_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
     from engine.data.readers import read_dataset
     from engine.data.validate import make_names_unique, use_counts_layer
 
+    import shutil
+
     path = Path(params["path"])
     scratch = context.workspace.scratch_dir()
+    keep_source = False
     try:
         context.progress(0.05, f"reading {path.name}")
         adata = read_dataset(
@@ -135,15 +138,18 @@ def import_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
             source=str(params.get("source") or path),
             origin=params.get("origin", "file"),
         )
+    except DataError as exc:
+        keep_source = exc.fix is not None  # the user may retry with the fix applied
+        raise
     finally:
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
-        if params.get("delete_source"):
+        if params.get("delete_source") and not keep_source:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+            if path.parent.parent == context.workspace.uploads_dir:
+                shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def mock_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
