@@ -4,15 +4,15 @@ import streamlit as st
 
 from pages._ui import sidebar
 
-st.set_page_config(page_title="SynthCell Studio", page_icon="🧬", layout="wide")
+st.set_page_config(page_title="SynthCell Studio", page_icon=":material/genetics:", layout="wide")
 
 navigation = st.navigation(
     [
-        st.Page("pages/data.py", title="Data", icon="📂", default=True),
-        st.Page("pages/split.py", title="Split", icon="✂️"),
-        st.Page("pages/mock.py", title="Mock data", icon="🧪"),
-        st.Page("pages/train.py", title="Train", icon="🏋️"),
-        st.Page("pages/jobs.py", title="Jobs", icon="⏱️"),
+        st.Page("pages/data.py", title="Data", icon=":material/folder_open:", default=True),
+        st.Page("pages/split.py", title="Split", icon=":material/call_split:"),
+        st.Page("pages/mock.py", title="Mock data", icon=":material/science:"),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/jobs.py", title="Jobs", icon=":material/schedule:"),
     ]
 )
 sidebar()

@@ -23,7 +23,7 @@ else:
     st.warning("This dataset has no donor role, so this is a **cell-level split**: cells of "
                "one donor can be on both sides, which flatters every comparison. Map a donor "
                "column on the Data page if there is one.")
-    st.page_link("pages/data.py", label="Map column roles", icon="📂")
+    st.page_link("pages/data.py", label="Map column roles", icon=":material/folder_open:")
 
 obs_columns = [c["column"] for c in ws.dataset_summary(record.id)[0].get("obs_columns", [])]
 default_stratify = [c for c in (roles.get("cell_type"), roles.get("condition")) if c]

@@ -39,14 +39,16 @@ if split is not None and (dataset is None or split.dataset_id != dataset.id):
 needs_data = generator.capabilities.uses_real_data
 if needs_data and split is None:
     st.info(f"{generator.label} learns from real cells: it needs a dataset and a split.")
-    st.page_link("pages/split.py", label="Make a split", icon="✂️")
+    st.page_link("pages/split.py", label="Make a split", icon=":material/call_split:")
 elif split is not None:
     st.caption(f"Training cells: {split.n_train:,} of **{dataset.name}** ({split.label}).")
 if needs_data and dataset is not None and not dataset.is_counts:
     st.warning(dataset.counts_message)
 
 with st.form("train"):
-    values = render_config_form(config_fields(generator.config_class), key=f"cfg.{name}")
+    # The run's seed (below) drives every random draw; a config's own seed field is hidden.
+    fields = [f for f in config_fields(generator.config_class) if f.name != "seed"]
+    values = render_config_form(fields, key=f"cfg.{name}")
     cols = st.columns(2)
     seed = cols[0].number_input("Seed", min_value=0, value=0, step=1)
     n_cells = cols[1].number_input("Synthetic cells (0: the generator's default)", min_value=0,

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import os
 import posixpath
 import re
 import shutil
@@ -116,6 +115,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 _IGNORED_NAMES = ("__MACOSX", ".DS_Store", "Thumbs.db")
 _INT32_MAX = np.iinfo(np.int32).max
+#: Values per chunk when reading a text table (bounds the dense block parsed at once).
+TABLE_CHUNK_VALUES = 8_000_000
 
 
 # --------------------------------------------------------------------------- helpers
@@ -356,7 +357,7 @@ def detect_format(path: Path) -> str:
     magic = _read_magic(path)
     if suffix in _PICKLE_SUFFIXES:
         raise _pickle_error(path)
-    if suffix == ".zip" or magic.startswith(_ZIP_MAGIC):
+    if _is_zip(path):
         return _detect_zip_listing(path)
     if suffix == ".h5ad":
         return "h5ad"
@@ -374,9 +375,7 @@ def detect_format(path: Path) -> str:
         return "npz_chunks"
     if suffix in (".mtx", ".mtx.gz") and _resolve_10x_folder(path.parent) is not None:
         return "10x_mtx"
-    raise DataError(
-        f"'{path.name}' is not in a format we can read. " + _supported_sentence()
-    )
+    raise DataError(f"'{path.name}' is not in a format we can read. " + _supported_sentence())
 
 
 # --------------------------------------------------------------------------- zip
@@ -474,8 +473,7 @@ def extract_zip_safely(
                 )
             if info.flag_bits & 0x1:
                 raise DataError(
-                    f"The zip '{zip_path.name}' is password-protected. "
-                    "Upload an unencrypted zip."
+                    f"The zip '{zip_path.name}' is password-protected. Upload an unencrypted zip."
                 )
             total += info.file_size
         if total > max_total_bytes:
@@ -575,12 +573,7 @@ def _tidy_matrix(matrix: sp.spmatrix | sp.sparray | np.ndarray) -> sp.csr_matrix
         return csr if csr.dtype == target else csr.astype(target)
     if np.issubdtype(data.dtype, np.floating):
         finite = np.isfinite(data).all()
-        if (
-            finite
-            and data.size
-            and np.abs(data).max() <= _INT32_MAX
-            and _all_integral(data)
-        ):
+        if finite and data.size and np.abs(data).max() <= _INT32_MAX and _all_integral(data):
             return csr.astype(np.int32)
         return csr if csr.dtype == np.float32 else csr.astype(np.float32)
     raise DataError(
@@ -602,8 +595,7 @@ def _finish(adata: anndata.AnnData) -> anndata.AnnData:
     """Return ``adata`` with CSR ``X`` (see :func:`_tidy_matrix`) and string indices."""
     if adata.X is None:
         raise DataError(
-            "The file holds no count matrix (its X is empty). "
-            "Export it again with the counts in X."
+            "The file holds no count matrix (its X is empty). Export it again with the counts in X."
         )
     adata.X = _tidy_matrix(adata.X)
     adata.obs_names = pd.Index(adata.obs_names.astype(str))
@@ -738,7 +730,7 @@ def _read_table(path: Path, *, cells_as_columns: bool = False) -> anndata.AnnDat
     with _reading(path, "a text table"), _open_text(path) as handle:
         header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
     n_columns = max(1, len(re.split(sep, header.strip()) if sep == r"\s+" else header.split(sep)))
-    rows_per_chunk = max(1, 8_000_000 // n_columns)
+    rows_per_chunk = max(1, TABLE_CHUNK_VALUES // n_columns)
     blocks: list[sp.csr_matrix] = []
     row_names: list[np.ndarray] = []
     column_names: pd.Index | None = None
@@ -802,7 +794,7 @@ def _is_numeric(series: pd.Series) -> bool:
 
 # npz chunks ---------------------------------------------------------------------------
 
-_CHUNK_WORDS = re.compile(r"(?:^|[_.\-])(?:counts|expression|expr|matrix|x)(?=$|[_.\-])", re.I)
+_CHUNK_WORDS = re.compile(r"(?:^|[_.\-])(?:counts|expression|expr|matrix)(?=$|[_.\-])", re.I)
 _META_WORDS = re.compile(r"(?:^|[_.\-])(?:metadata|meta|obs)(?=$|[_.\-])", re.I)
 _META_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".csv.gz", ".tsv.gz")
 _GENE_FILES = (
@@ -865,8 +857,15 @@ def _read_gene_names(folder: Path, n_genes: int) -> pd.DataFrame:
                         (
                             c
                             for c in table.columns
-                            if str(c).lower() in ("gene", "gene_name", "gene_symbol",
-                                                  "feature_name", "symbol", "name")
+                            if str(c).lower()
+                            in (
+                                "gene",
+                                "gene_name",
+                                "gene_symbol",
+                                "feature_name",
+                                "symbol",
+                                "name",
+                            )
                         ),
                         table.columns[0] if len(table.columns) else None,
                     )
@@ -978,6 +977,7 @@ def _read_npz_chunks(path: Path, *, cells_as_columns: bool = False) -> anndata.A
         ):
             obs.index = pd.Index([str(i) for i in range(n_cells)])
         obs.index = obs.index.astype(str)
+        obs.index.name = None
     else:
         obs = pd.DataFrame(index=pd.Index([str(i) for i in range(n_cells)]))
     matrix = sp.vstack(matrices, format="csr") if len(matrices) > 1 else matrices[0]
@@ -1000,10 +1000,16 @@ _READERS: dict[str, Callable[..., anndata.AnnData]] = {
 
 
 def _is_zip(path: Path) -> bool:
-    """Return True if ``path`` is a file that is (or claims to be) a zip archive."""
-    return path.is_file() and (
-        path.name.lower().endswith(".zip") or _read_magic(path).startswith(_ZIP_MAGIC)
-    )
+    """Return True for a ``.zip`` file, or a zip archive with an unknown suffix.
+
+    ``.npz`` files are zip archives too but are read as count chunks, not extracted.
+    """
+    if not path.is_file():
+        return False
+    suffix = _lower_suffix(path)
+    if suffix == ".zip":
+        return True
+    return suffix not in _KNOWN_SUFFIXES and _read_magic(path).startswith(_ZIP_MAGIC)
 
 
 def read_dataset(
@@ -1088,8 +1094,9 @@ def read_upload(
 ) -> anndata.AnnData:
     """Read an uploaded file (bytes or a binary file object, e.g. Streamlit's UploadedFile).
 
-    The upload is written to a temporary file inside ``workdir`` that keeps the original
-    suffix (``.h5ad``, ``.csv.gz``, ``.zip`` ...), read with :func:`read_dataset`, and removed
+    The upload is written into a private temporary folder inside ``workdir``, under a name
+    that keeps the original suffix (``.h5ad``, ``.csv.gz``, ``.zip`` ...), read with
+    :func:`read_dataset` (a zip is extracted in that folder too), and the folder is removed
     again whether reading succeeds or fails (the returned AnnData lives in memory).
 
     Parameters
@@ -1117,16 +1124,16 @@ def read_upload(
     suffix = _safe_upload_suffix(name)
     if suffix in _PICKLE_SUFFIXES:
         raise _pickle_error(Path(name.replace("\\", "/").rsplit("/", 1)[-1]))
-    handle, temp_name = tempfile.mkstemp(dir=workdir, prefix=".upload-", suffix=suffix)
-    temp_path = Path(temp_name)
+    scratch = Path(tempfile.mkdtemp(dir=workdir, prefix=".upload-"))
+    temp_path = scratch / f"upload{suffix}"
     try:
-        with os.fdopen(handle, "wb") as sink:
+        with temp_path.open("wb") as sink:
             if isinstance(data, bytes | bytearray | memoryview):
                 sink.write(data)
             else:
                 with contextlib.suppress(AttributeError, OSError):
                     data.seek(0)
                 shutil.copyfileobj(data, sink, length=1024 * 1024)
-        return read_dataset(temp_path, cells_as_columns=cells_as_columns, workdir=workdir)
+        return read_dataset(temp_path, cells_as_columns=cells_as_columns, workdir=scratch)
     finally:
-        temp_path.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -207,7 +207,5 @@ def validate_roles(obs: pd.DataFrame, roles: dict[str, str | None]) -> list[str]
                     "donors; privacy is then per cell."
                 )
         if role in ("cell_type", "condition", "batch") and not is_categorical_like(series):
-            warnings.append(
-                f"The {label} column '{column}' holds decimal numbers, not labels."
-            )
+            warnings.append(f"The {label} column '{column}' holds decimal numbers, not labels.")
     return warnings

@@ -114,9 +114,7 @@ def obs_columns_table(obs: pd.DataFrame) -> pd.DataFrame:
     for name in obs.columns:
         series = obs[name]
         n_missing = int(series.isna().sum())
-        numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(
-            series
-        )
+        numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
         n_levels = int(series.nunique(dropna=True))
         if numeric and n_levels > _NUMERIC_LEVELS:
             top = f"range {series.min():.4g} – {series.max():.4g}"

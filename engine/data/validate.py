@@ -204,6 +204,11 @@ def _scan(matrix: Any, *, chunk_size: int = 100_000) -> _ValueScan:
     return scan
 
 
+def _plural(n: int) -> str:
+    """Return ``'s'`` unless ``n`` is 1."""
+    return "" if n == 1 else "s"
+
+
 def _format_value(value: float | None) -> str:
     """Return a short human form of a number (``0.47``, ``-1.2``, ``3.1e+05``)."""
     return "?" if value is None else f"{value:.3g}"
@@ -225,8 +230,7 @@ def _counts_check(scan: _ValueScan, layer: str | None, *, what: str = "X") -> Co
         message = f"{what} holds no non-zero values, so there are no counts to model."
     elif scan.n_nan or scan.n_inf:
         message = (
-            f"{what} holds missing (NaN) or infinite values, which raw counts never have. "
-            + advice
+            f"{what} holds missing (NaN) or infinite values, which raw counts never have. " + advice
         )
     elif scan.n_negative:
         message = (
@@ -308,8 +312,9 @@ def validate_dataset(adata: anndata.AnnData, *, require_counts: bool = False) ->
     Refused, in this order: an empty matrix (0 cells, 0 genes, or no non-zero value), NaN
     values, infinite values, negative values, duplicated cell or gene names
     (``fix="make_unique"``, see :func:`make_names_unique`) and, when ``require_counts``,
-    values that are not whole numbers (``fix="use_counts_layer"`` when a layer or ``.raw``
-    holds counts, see :func:`use_counts_layer`).
+    values that are not whole numbers. For negative and non-integer values the message names
+    the layer (or ``.raw``) that holds raw counts when there is one; pass it to
+    :func:`use_counts_layer`.
 
     Returns
     -------
@@ -335,15 +340,15 @@ def validate_dataset(adata: anndata.AnnData, *, require_counts: bool = False) ->
     if scan.n_nan:
         row, col = scan.first_nan or (0, 0)
         raise DataError(
-            f"X contains {scan.n_nan:,} NaN (missing) values, the first in cell "
-            f"'{_name_at(adata.obs_names, row)}', gene '{_name_at(adata.var_names, col)}'. "
+            f"X contains {scan.n_nan:,} NaN (missing) value{_plural(scan.n_nan)}, the first in "
+            f"cell '{_name_at(adata.obs_names, row)}', gene '{_name_at(adata.var_names, col)}'. "
             "Counts are never missing: replace them with 0 if they mean 'not detected', "
             "or export the count matrix again."
         )
     if scan.n_inf:
         row, col = scan.first_inf or (0, 0)
         raise DataError(
-            f"X contains {scan.n_inf:,} infinite values, the first in cell "
+            f"X contains {scan.n_inf:,} infinite value{_plural(scan.n_inf)}, the first in cell "
             f"'{_name_at(adata.obs_names, row)}', gene '{_name_at(adata.var_names, col)}'. "
             "Counts are always finite: export the raw count matrix again."
         )
@@ -353,19 +358,18 @@ def validate_dataset(adata: anndata.AnnData, *, require_counts: bool = False) ->
     if scan.n_negative:
         row, col = scan.first_negative or (0, 0)
         raise DataError(
-            f"X contains {scan.n_negative:,} negative values (e.g. "
+            f"X contains {scan.n_negative:,} negative value{_plural(scan.n_negative)} (e.g. "
             f"{_format_value(scan.example_negative)} in cell "
             f"'{_name_at(adata.obs_names, row)}', gene '{_name_at(adata.var_names, col)}'): "
             "counts cannot be negative, so the data looks scaled or batch-corrected. "
-            + _where_counts_advice(layer),
-            fix="use_counts_layer" if layer else None,
+            + _where_counts_advice(layer)
         )
     duplicates = _duplicates_message(adata)
     if duplicates:
         raise DataError(duplicates, fix="make_unique")
     check = _counts_check(scan, layer)
     if require_counts and not check.is_counts:
-        raise DataError(check.message, fix="use_counts_layer" if layer else None)
+        raise DataError(check.message)
     return check
 
 

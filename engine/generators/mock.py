@@ -13,11 +13,12 @@ The model (all draws from ``seed``):
   (``control`` or ``stimulated``, a shared latent shift). Technical effects are latent
   offsets too: per study (``dataset``, large, only in the hierarchical scenario), per
   ``batch`` and per ``donor``.
-* **RNA** counts are negative binomial (gamma-Poisson) with a log-linear mean
-  ``log mu[i, g] = offset[i] + z[i] . W[g] + b[g]``: the per-cell offset fixes the library
-  size (median ``1.5 * n_genes`` counts, log-normal spread), ``b`` is a heavy-tailed gene
-  bias and each gene has its own dispersion (``var = mu + phi[g] * mu**2``, median
-  ``phi = dispersion``). About 85-90 % of entries are zero.
+* **RNA** counts are negative binomial (a gamma-Poisson mixture, drawn exactly) with a
+  log-linear mean ``log mu[i, g] = offset[i] + z[i] . W[g] + b[g]``: the per-cell offset
+  fixes the library size (median ``1.25 * n_genes`` counts, i.e. 2,500 at 2,000 genes,
+  log-normal spread, 5-95 % range about 0.45x-2.2x the median), ``b`` is a heavy-tailed
+  gene bias and each gene has its own dispersion (``var = mu + phi[g] * mu**2``, median
+  ``phi = dispersion``). About 83 % of entries are zero at the defaults.
 * **ATAC** peaks are Bernoulli with ``logit p[i, j] = depth[i] + z[i] . U[j] + c[j]``; the
   typical peak is open in about 2-10 % of cells. Drawn in row chunks, never as one dense
   matrix, and stored as CSR ``uint8``.
@@ -32,11 +33,13 @@ pattern differs.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -102,7 +105,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
 _CENTRE_SD = 1.5  # cluster centres ~ N(0, 1.5^2) per latent dimension
 _WITHIN_SD = 0.6  # cells around their centre
 _CONDITION_SD = 0.5  # shift of "stimulated" cells
-_DATASET_SD = 0.8  # per-study offset (hierarchical only)
+_DATASET_SD = 0.8  # per-study offset per dimension (hierarchical only; orthogonal offsets)
 _BATCH_SD = 0.3
 _DONOR_SD = 0.15
 _LATENT_SD = math.hypot(_CENTRE_SD, _WITHIN_SD)  # overall scale of z per dimension
@@ -119,9 +122,14 @@ _ADT_EFFECT_SD = 1.5
 _ADT_BASE_MEAN, _ADT_BASE_SD = 4.0, 1.0
 _ADT_NOISE_SD = 0.3
 
-# Row chunks: about this many matrix entries per chunk (keeps buffers below glibc's mmap
-# threshold so they are reused instead of page-faulted afresh).
-_CHUNK_ENTRIES = 1 << 21
+# NB draws by inverse transform where the mean is small and the tail light (see _sample_nb).
+_NB_INVERSE_MAX_MEAN = 4.0
+_NB_INVERSE_MAX_Q = 0.8  # tail of P(k) falls at least as fast as 0.8**k
+_NB_INVERSE_MAX_STEPS = 400
+# Row chunks of about this many matrix entries: small enough that temporaries are reused
+# from the heap instead of being page-faulted afresh (which costs more than the arithmetic).
+_RNA_CHUNK_ENTRIES = 1 << 18
+_ATAC_CHUNK_ENTRIES = 1 << 20
 # Random-stream keys: each part of the simulation has its own stream.
 _STREAM_CELLS, _STREAM_RNA, _STREAM_ATAC, _STREAM_ADT = 0, 1, 2, 3
 _STREAM_RNA_CHUNK, _STREAM_ATAC_CHUNK, _STREAM_MASKS = 4, 5, 6
@@ -256,22 +264,30 @@ def config_to_kwargs(cfg: MockConfig | Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checks
 
 
+def _label(name: str) -> str:
+    """The form label of an option with its keyword, e.g. ``Cells (n_cells)``."""
+    meta = next(f.metadata for f in fields(MockConfig) if f.name == name)
+    return f"{meta['label']} ({name})"
+
+
 def _check_int(name: str, value: Any) -> int:
     lo, hi = _LIMITS[name]
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise DataError(f"{name} must be a whole number between {lo:,} and {hi:,}; got {value!r}.")
+        raise DataError(
+            f"{_label(name)} must be a whole number from {lo:,} to {hi:,}; got {value!r}."
+        )
     if not lo <= value <= hi:
-        raise DataError(f"{name} must be between {lo:,} and {hi:,}; got {value:,}.")
+        raise DataError(f"{_label(name)} must be from {lo:,} to {hi:,}; got {value:,}.")
     return int(value)
 
 
 def _check_float(name: str, value: Any) -> float:
     lo, hi = _LIMITS[name]
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise DataError(f"{name} must be a number between {lo} and {hi}; got {value!r}.")
+        raise DataError(f"{_label(name)} must be a number from {lo} to {hi}; got {value!r}.")
     value = float(value)
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise DataError(f"{name} must be between {lo} and {hi}; got {value}.")
+        raise DataError(f"{_label(name)} must be from {lo} to {hi}; got {value}.")
     return value
 
 
@@ -282,7 +298,37 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) ->
     return key
 
 
+def _check_memory(*, n_cells: int, n_genes: int, n_peaks: int, n_proteins: int) -> None:
+    """Raise DataError when the result would clearly not fit in the free memory."""
+    # Observed + true copies: RNA ~20 % non-zero, 8 bytes per entry, three copies (X,
+    # counts, counts_true); ATAC ~7 % non-zero, 5 bytes, two copies plus assembly; ADT 2x.
+    need = n_cells * (n_genes * 0.2 * 8 * 3 + n_peaks * 0.07 * 5 * 3 + n_proteins * 4 * 2 + 512)
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except Exception:  # pragma: no cover - psutil is a pinned dependency
+        return
+    if need > free:
+        raise DataError(
+            f"Simulating {n_cells:,} cells with {n_genes:,} genes and {n_peaks:,} peaks needs "
+            f"about {need / 2**30:,.1f} GB of memory, more than is free now "
+            f"({free / 2**30:,.1f} GB). Use fewer cells, genes or peaks."
+        )
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _study_offsets(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """Latent offsets of ``n`` studies (n x d): mutually orthogonal where ``d >= n``, each of
+    length ``_DATASET_SD * sqrt(d)``, so every pair of studies differs clearly."""
+    draws = rng.normal(size=(d, n))
+    if d >= n:
+        draws = np.linalg.qr(draws)[0]
+    else:
+        draws /= np.linalg.norm(draws, axis=0, keepdims=True)
+    return (draws * (_DATASET_SD * math.sqrt(d))).T
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -290,10 +336,20 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
-def _chunks(n: int, width: int) -> list[tuple[int, int]]:
-    """Row ranges of about ``_CHUNK_ENTRIES`` entries for a matrix ``width`` columns wide."""
-    rows = int(np.clip(_CHUNK_ENTRIES // max(width, 1), 64, 16384))
+def _chunks(n: int, width: int, entries: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``entries`` entries for a matrix ``width`` columns wide."""
+    rows = int(np.clip(entries // max(width, 1), 8, 16384))
     return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
+    """A context in which BLAS uses one thread: the chunks already run in parallel, and
+    idle BLAS threads spinning beside them cost more than they give."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _n_threads() -> int:
@@ -314,14 +370,23 @@ def _mask_to_csr_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 def _assemble_csr(
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], shape: tuple[int, int]
 ) -> sp.csr_matrix:
-    """Stack per-chunk (row counts, indices, data) into one CSR matrix without copies of
-    dense data; int32 index arrays whenever the matrix allows it."""
+    """Stack per-chunk (row nnz, column indices, data) into one CSR matrix, int32 indices
+    whenever the matrix allows it. Empties ``parts`` as it goes, so at most one chunk is
+    held twice; returns the matrix."""
     nnz = sum(p[1].size for p in parts)
     idx_dtype = np.int32 if max(nnz, shape[1]) < np.iinfo(np.int32).max else np.int64
     indptr = np.zeros(shape[0] + 1, dtype=idx_dtype)
     np.cumsum(np.concatenate([p[0] for p in parts]), out=indptr[1:])
-    indices = np.concatenate([p[1] for p in parts]).astype(idx_dtype, copy=False)
-    data = np.concatenate([p[2] for p in parts])
+    indices = np.empty(nnz, dtype=idx_dtype)
+    data = np.empty(nnz, dtype=parts[0][2].dtype if parts else np.int32)
+    at = 0
+    for k in range(len(parts)):
+        _, cols, values = parts[k]
+        parts[k] = None  # type: ignore[call-overload]
+        indices[at : at + cols.size] = cols
+        data[at : at + cols.size] = values
+        at += cols.size
+    parts.clear()
     return sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
 
 
@@ -395,17 +460,49 @@ def _rna_chunk(
 
 def _sample_nb(mu: np.ndarray, size: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw negative-binomial counts with mean ``mu`` (cells x genes) and per-gene size
-    ``size = 1 / dispersion`` (gamma-Poisson). Returns an int64 array shaped like ``mu``."""
-    return rng.negative_binomial(size, size / (size + mu))
+    ``size = 1 / dispersion``, so that ``var = mu + mu**2 / size``.
+
+    Exact and fast where counts are sparse: entries with a small mean are drawn by inverse
+    transform from one uniform each (most stop at zero after a single comparison; the
+    others walk up the NB probabilities, which fall quickly when ``mu`` is small); entries
+    with a large mean or a very heavy tail are drawn as gamma-Poisson mixtures.
+    Returns an int64 array shaped like ``mu``.
+    """
+    out = np.zeros(mu.shape, dtype=np.int64)
+    q = mu / (mu + size)  # P(k + 1) / P(k) tends to q as k grows
+    direct = (mu > _NB_INVERSE_MAX_MEAN) | (q > _NB_INVERSE_MAX_Q)
+    rows, cols = np.nonzero(direct)
+    if rows.size:
+        shape_ = size[cols]
+        out[rows, cols] = rng.poisson(rng.gamma(shape_, mu[rows, cols] / shape_))
+    u = rng.random(mu.shape)
+    p0 = np.log1p(-q)
+    p0 *= size
+    np.exp(p0, out=p0)  # P(X = 0)
+    rows, cols = np.nonzero((u >= p0) & ~direct)
+    u, q, pmf = u[rows, cols], q[rows, cols], p0[rows, cols]
+    s = size[cols]
+    cdf = pmf.copy()
+    k = 0
+    while rows.size:
+        k += 1
+        pmf *= q * ((s + (k - 1)) / k)
+        cdf += pmf
+        out[rows, cols] = k
+        go_on = u >= cdf
+        if k >= _NB_INVERSE_MAX_STEPS:  # only rounding can leave entries here
+            break
+        rows, cols, u, s, q, pmf, cdf = (a[go_on] for a in (rows, cols, u, s, q, pmf, cdf))
+    return out
 
 
 def _atac_chunk(
     seed: int, chunk: int, design: np.ndarray, coef: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw binary peaks for one row chunk.
 
     ``design @ coef`` is minus the logit of every (cell, peak) pair of the chunk.
-    Returns (row nnz, int32 column indices).
+    Returns (row nnz, int32 column indices, uint8 ones).
     """
     rng = _rng(seed, _STREAM_ATAC_CHUNK, chunk)
     shape = (design.shape[0], coef.shape[1])
@@ -421,7 +518,31 @@ def _atac_chunk(
         x += u
         np.less(x, 1.0, out=mask)
     row_nnz, cols, _ = _mask_to_csr_parts(mask)
-    return row_nnz, cols
+    return row_nnz, cols, np.ones(cols.size, dtype=np.uint8)
+
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], float, str]
+
+
+def _run_jobs(jobs: list[_Job], report: Progress, *, start: float, stop: float) -> list[Any]:
+    """Run ``(function, args, cost, message)`` jobs on a thread pool with single-threaded
+    BLAS; call ``report`` in job order with the fraction of cost done, scaled to
+    ``start..stop``. Returns the results in job order. If ``report`` raises, pending jobs
+    are cancelled and the exception propagates."""
+    total = sum(job[2] for job in jobs) or 1.0
+    done = 0.0
+    results: list[Any] = []
+    with _single_threaded_blas():
+        pool = ThreadPoolExecutor(max_workers=_n_threads(), thread_name_prefix="mock")
+        try:
+            futures = [pool.submit(func, *args) for func, args, _, _ in jobs]
+            for (_, _, cost, message), future in zip(jobs, futures, strict=True):
+                results.append(future.result())
+                done += cost
+                report(start + (stop - start) * done / total, message)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -513,7 +634,7 @@ def generate_mock_dataset(
         study1 RNA + ADT, study2 RNA + ATAC, study3 RNA only, each with its own large
         latent offset.
     n_cells, n_genes, n_peaks, n_proteins
-        Matrix sizes. Median library size is ``1.5 * n_genes`` counts (3,000 at 2,000 genes),
+        Matrix sizes. Median library size is ``1.25 * n_genes`` counts (2,500 at 2,000 genes),
         so sparsity does not depend on ``n_genes``.
     latent_dim
         Dimensions of the shared latent space.
@@ -547,7 +668,8 @@ def generate_mock_dataset(
           ``obsm['X_latent_batch']``: the technical offsets (study + batch + donor) added to
           them before any modality is drawn.
         * ``obs``: ``has_rna``, ``has_atac``, ``has_adt`` (bool); categorical ``batch``,
-          ``dataset``, ``donor``, ``cluster`` ("0".."K-1"), ``cell_type``, ``condition``,
+          ``dataset``, ``donor``, ``cluster`` ("0".."K-1"), ``cell_type`` ("type_A"...),
+          ``condition`` ("control"/"stimulated"),
           ``split`` ("train"/"eval"; all "train" outside the prediction scenario); and
           ``true_log_offset`` (float, the per-cell offset of the RNA mean).
         * ``var``: gene names ``gene_00001``...; ``true_log_bias`` and
@@ -569,8 +691,9 @@ def generate_mock_dataset(
     Raises
     ------
     DataError
-        An unknown scenario or prediction target, or a size or fraction out of range; the
-        message says which values are allowed.
+        An unknown scenario or prediction target, a size or fraction out of range (the
+        message says which values are allowed), or sizes whose result would not fit in the
+        free memory.
     """
     problem_type = _check_choice("problem_type", problem_type, SCENARIOS, "mock scenario")
     prediction_target = _check_choice(
@@ -591,11 +714,7 @@ def generate_mock_dataset(
     hierarchical = problem_type == "hierarchical"
     if hierarchical:
         n_donors = max(n_donors, len(HIERARCHICAL_STUDIES))
-    if n_cells * max(n_genes, n_peaks) >= 2**31 * 8:
-        raise DataError(
-            f"{n_cells:,} cells x {max(n_genes, n_peaks):,} features is too large to simulate; "
-            "use fewer cells or features."
-        )
+    _check_memory(n_cells=n_cells, n_genes=n_genes, n_peaks=n_peaks, n_proteins=n_proteins)
     config: dict[str, Any] = {
         "problem_type": problem_type,
         "n_cells": n_cells,
@@ -631,16 +750,13 @@ def generate_mock_dataset(
     donor_dataset = np.arange(n_donors) % len(datasets)
     donor_batch = np.zeros(n_donors, dtype=np.int64)  # batch index within its study
     batch_names: list[str] = []
-    batch_dataset: list[int] = []
     for k, name in enumerate(datasets):
         members = np.flatnonzero(donor_dataset == k)
         n_b = 2 if members.size >= 2 else 1
         donor_batch[members] = len(batch_names) + np.arange(members.size) % n_b
         batch_names += [f"{name}_batch{b + 1}" for b in range(n_b)]
-        batch_dataset += [k] * n_b
     donor = rng.choice(n_donors, size=n_cells, p=rng.dirichlet(np.full(n_donors, 10.0)))
-    dataset_sd = _DATASET_SD if hierarchical else 0.0
-    dataset_shift = rng.normal(0.0, dataset_sd, size=(len(datasets), d))
+    dataset_shift = _study_offsets(len(datasets), d, rng) if hierarchical else np.zeros((1, d))
     batch_shift = rng.normal(0.0, _BATCH_SD, size=(len(batch_names), d))
     donor_shift = rng.normal(0.0, _DONOR_SD, size=(n_donors, d))
     batch = donor_batch[donor]
@@ -682,57 +798,37 @@ def generate_mock_dataset(
     # ---- RNA and ATAC in row chunks on a few threads
     loadings64 = loadings.astype(np.float64)
     bias64 = gene_bias.astype(np.float64)
-    rna_chunks = _chunks(n_cells, n_genes)
-    atac_chunks = _chunks(n_cells, n_peaks)
-    # Relative cost per entry (measured): an NB draw costs ~10x a Bernoulli draw.
-    tasks: list[tuple[str, int, int, int, float]] = [
-        ("rna", i, s, e, (e - s) * n_genes * 10.0) for i, (s, e) in enumerate(rna_chunks)
-    ] + [("atac", i, s, e, (e - s) * n_peaks * 1.0) for i, (s, e) in enumerate(atac_chunks)]
-    total_cost = sum(t[4] for t in tasks)
-    rna_parts: list[Any] = [None] * len(rna_chunks)
-    atac_parts: list[Any] = [None] * len(atac_chunks)
-    done_cost = 0.0
-    pool = ThreadPoolExecutor(max_workers=_n_threads(), thread_name_prefix="mock")
-    try:
-        futures: list[Future[Any]] = []
-        for kind, i, s, e, _ in tasks:
-            if kind == "rna":
-                futures.append(
-                    pool.submit(
-                        _rna_chunk,
-                        seed,
-                        i,
-                        z_eff[s:e],
-                        loadings64,
-                        bias64,
-                        log_library[s:e],
-                        nb_size,
-                    )
-                )
-            else:
-                futures.append(pool.submit(_atac_chunk, seed, i, atac_design[s:e], atac_coef))
-        for (kind, i, _s, e, cost), future in zip(tasks, futures, strict=True):
-            result = future.result()
-            if kind == "rna":
-                rna_parts[i] = result
-                message = f"RNA counts: cells {e:,} of {n_cells:,}"
-            else:
-                atac_parts[i] = result
-                message = f"ATAC peaks: cells {e:,} of {n_cells:,}"
-            done_cost += cost
-            report(0.02 + 0.88 * done_cost / total_cost, message)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    rna_chunks = _chunks(n_cells, n_genes, _RNA_CHUNK_ENTRIES)
+    atac_chunks = _chunks(n_cells, n_peaks, _ATAC_CHUNK_ENTRIES)
+    # Relative cost per entry (measured): an NB draw costs ~8x a Bernoulli draw.
+    jobs: list[_Job] = [
+        (
+            _rna_chunk,
+            (seed, i, z_eff[s:e], loadings64, bias64, log_library[s:e], nb_size),
+            (e - s) * n_genes * 8.0,
+            f"RNA counts: cells {e:,} of {n_cells:,}",
+        )
+        for i, (s, e) in enumerate(rna_chunks)
+    ] + [
+        (
+            _atac_chunk,
+            (seed, i, atac_design[s:e], atac_coef),
+            (e - s) * n_peaks * 1.0,
+            f"ATAC peaks: cells {e:,} of {n_cells:,}",
+        )
+        for i, (s, e) in enumerate(atac_chunks)
+    ]
+    results = _run_jobs(jobs, report, start=0.02, stop=0.9)
+    atac_parts = results[len(rna_chunks) :]
+    rna_results = results[: len(rna_chunks)]
+    del results
 
     report(0.9, "Packaging the AnnData")
-    rna_true = _assemble_csr([p[:3] for p in rna_parts], (n_cells, n_genes))
-    log_offset = np.concatenate([p[3] for p in rna_parts])
-    del rna_parts
-    atac_true = _assemble_csr(
-        [(p[0], p[1], np.ones(p[1].size, dtype=np.uint8)) for p in atac_parts],
-        (n_cells, n_peaks),
-    )
-    del atac_parts
+    log_offset = np.concatenate([r[3] for r in rna_results])
+    rna_parts = [r[:3] for r in rna_results]
+    del rna_results
+    rna_true = _assemble_csr(rna_parts, (n_cells, n_genes))
+    atac_true = _assemble_csr(atac_parts, (n_cells, n_peaks))
 
     # ---- scenario: who is observed with what
     has, split = _scenario_masks(
@@ -832,7 +928,7 @@ def generate_mock_dataset(
             "atac_peak_names": _names("peak_", n_peaks, width=6).astype(str),
             "mock_scenario": problem_type,
             "mock_config": config,
-            "mock_keys": keys,
+            "mock_keys": copy.deepcopy(keys),
         },
     )
     report(1.0, f"Simulated {n_cells:,} cells ({problem_type})")

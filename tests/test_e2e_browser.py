@@ -1,0 +1,133 @@
+"""End to end in a real browser: Debian's chromium, driven by Playwright, against
+``streamlit run app.py``. Opens a sample, maps roles, splits, trains the mock generator,
+and saves the README screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.store import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install "
+                    "chromium).")
+    workspace = tmp_path_factory.mktemp("e2e") / "workspace"
+    port = _free_port()
+    env = dict(os.environ, SYNTHCELL_WORKSPACE=str(workspace))
+    env.pop("SYNTHCELL_DATA_DIR", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().strip() == b"ok":
+                    break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail(f"streamlit did not start: {server.stdout.read().decode()[-2000:]}")
+    yield url, workspace
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def _wait_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app is not running a script (Streamlit's status widget is gone)."""
+    page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached",
+                           timeout=timeout_ms)
+
+
+def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, workspace_root = app_url
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        started = time.monotonic()
+        page.goto(url)
+        expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(
+            timeout=60_000)
+        first_page_s = time.monotonic() - started
+
+        # Open the first sample (a mock dataset made by the project).
+        page.get_by_role("button", name="Open sample").click()
+        expect(page.get_by_text("Opened sample_data/mock_")).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Raw counts")).to_be_visible()
+        _wait_idle(page)
+
+        # Roles are pre-filled from the column names; save them.
+        page.get_by_role("button", name="Save roles").click()
+        expect(page.get_by_text("Roles saved with the dataset.")).to_be_visible(timeout=30_000)
+        dataset = Workspace(workspace_root).list_datasets()[0]
+        assert dataset.roles["donor"] == "donor"
+        assert dataset.roles["cell_type"] == "cell_type"
+
+        # Split by donor.
+        page.get_by_role("link", name="Split").click()
+        expect(page.get_by_role("heading", name="Split", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("button", name="Make split").click()
+        expect(page.get_by_text("donor-disjoint split").first).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Test donors: donor")).to_be_visible(timeout=30_000)
+        _wait_idle(page)
+
+        # Train the mock generator and watch the job reach the end.
+        page.get_by_role("link", name="Train").click()
+        expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("button", name="Launch run").click()
+        expect(page.get_by_text("synthetic cells in")).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Selected run")).to_be_visible(timeout=30_000)
+        _wait_idle(page)
+
+        runs = Workspace(workspace_root).list_runs()
+        assert len(runs) == 1 and runs[0].generator == "mock"
+        assert runs[0].n_cells > 0
+        job = next(p for p in (workspace_root / "jobs").iterdir()
+                   if '"kind": "train"' in (p / "job.json").read_text())
+        assert '"progress": 1.0' in (job / "job.json").read_text()
+        expect(page.get_by_text(runs[0].key)).to_be_visible()  # the run, selected in the table
+
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=False)
+        browser.close()
+    print(f"first page in {first_page_s:.2f} s")
