@@ -51,6 +51,19 @@ def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
+def _read_json_file(path: str) -> dict[str, Any]:
+    """Read a JSON config file named on the command line (UserFacingError when unusable)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserFacingError(f"Cannot read the config file {path}: {exc.strerror}.") from exc
+    except ValueError as exc:
+        raise UserFacingError(f"The config file {path} is not valid JSON: {exc}.") from exc
+    if not isinstance(values, dict):
+        raise UserFacingError(f"The config file {path} must hold a JSON object ({{...}}).")
+    return values
+
+
 def _resolve_dataset(args: argparse.Namespace, context: ConsoleContext, ref: str) -> str:
     """Return a dataset id: ``ref`` is an id in the workspace or a path to import."""
     from engine.tasks import import_dataset
@@ -170,7 +183,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
     config_values: dict[str, Any] = {}
     if args.config:
-        config_values = json.loads(Path(args.config).read_text())
+        config_values = _read_json_file(args.config)
     if args.write_config:
         template = dataclasses.asdict(MockConfig())
         template.update(config_values)
@@ -178,7 +191,11 @@ def cmd_mock(args: argparse.Namespace) -> int:
         print(f"wrote a config template to {args.write_config}", file=sys.stderr)
         if not (args.scenario or args.all):
             return 0
-    scenarios = list(SCENARIOS) if args.all else [args.scenario or "paired"]
+    scenarios = (
+        list(SCENARIOS)
+        if args.all
+        else [args.scenario or config_values.get("problem_type") or "paired"]
+    )
     for name in ("n_cells", "n_genes", "seed"):
         if getattr(args, name) is not None:
             config_values[name] = getattr(args, name)
@@ -215,10 +232,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.tasks import train_generator
 
     context = _context(args)
-    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = _read_json_file(args.config) if args.config else {}
     for item in args.set or []:
         name, _, value = item.partition("=")
-        config[name] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+        try:
+            config[name] = json.loads(value)  # numbers, true/false, lists
+        except ValueError:
+            config[name] = value  # plain text, e.g. a choice
     dataset_id = _resolve_dataset(args, context, args.dataset) if args.dataset else None
     result = train_generator(
         {
@@ -346,12 +366,15 @@ def _read_sides(path: Path) -> dict[str, str]:
     import pandas as pd
     import yaml
 
+    if not path.is_file():
+        raise UserFacingError(f"{path} does not exist: give the file generate-split-indices "
+                              "wrote.")
     if path.suffix.lower() in (".yaml", ".yml"):
-        layout = yaml.safe_load(path.read_text())
         try:
+            layout = yaml.safe_load(path.read_text())
             split = next(iter(layout["splits"].values()))
             train, test = split["train_index"], split["test_index"]
-        except (KeyError, TypeError, StopIteration) as exc:
+        except (KeyError, TypeError, AttributeError, StopIteration, yaml.YAMLError) as exc:
             raise UserFacingError(
                 f"{path} is not a split file: it needs splits: split_1: train_index / test_index."
             ) from exc

@@ -242,7 +242,10 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     from engine.generators.registry import get_generator
 
     workspace = context.workspace
-    generator_cls = get_generator(params["generator"])
+    try:
+        generator_cls = get_generator(params["generator"])
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
     try:
         config = config_from_dict(generator_cls.config_class, params.get("config") or {})
     except ValueError as exc:
@@ -251,6 +254,10 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     seed = int(params.get("seed", 0))
     dataset_id = params.get("dataset_id")
     split_id = params.get("split_id")
+    if split_id and workspace.get_split(split_id) is None:
+        raise UserFacingError(
+            f"There is no split {split_id} in the workspace; make one on the Split page first."
+        )
     key = workspace.run_key(
         dataset_id=dataset_id, split_id=split_id, generator=generator_cls.name,
         config={**config_dict, "n_cells": params.get("n_cells")}, seed=seed,

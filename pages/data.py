@@ -159,7 +159,7 @@ with st.form("roles"):
         if len(used) != len(set(used)):
             st.error("Each column can take one role only; pick different columns.")
         else:
-            ws.set_roles(record.id, chosen_roles)
+            record = ws.set_roles(record.id, chosen_roles)
             st.success("Roles saved with the dataset.")
 if not record.roles.get("donor"):
     st.caption("No donor column: splits will be cell-level and labelled so.")

@@ -110,11 +110,15 @@ def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
         spec = known.get(name)
         if spec is None:
             continue
-        if spec.kind == "int":
-            value = int(value)
-        elif spec.kind == "float":
-            value = float(value)
-        elif spec.kind == "bool":
+        try:
+            if spec.kind == "int":
+                value = int(value)
+            elif spec.kind == "float":
+                value = float(value)
+        except (TypeError, ValueError):
+            what = "a whole number" if spec.kind == "int" else "a number"
+            raise ValueError(f"{spec.label} must be {what}, not {value!r}.") from None
+        if spec.kind == "bool":
             value = bool(value)
         if spec.choices and value not in spec.choices:
             raise ValueError(f"{spec.label} must be one of {', '.join(map(str, spec.choices))}.")
