@@ -12,8 +12,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test setup setup-dev browser sample-data lint bench clean
 
+WORKSPACE ?= $(or $(SYNTHCELL_WORKSPACE),workspace)
+
 run: setup sample-data
-	SYNTHCELL_DATA_DIR=$(DATA_DIR) $(BIN)/streamlit run app.py --server.port $(PORT)
+	@[ -n "$$(ls $(WORKSPACE)/datasets 2>/dev/null)" ] || \
+		SYNTHCELL_WORKSPACE=$(WORKSPACE) $(BIN)/python -m engine --quiet import \
+		sample_data/mock_paired_demo.h5ad --name "demo: mock paired (sample_data)" >/dev/null
+	SYNTHCELL_WORKSPACE=$(WORKSPACE) SYNTHCELL_DATA_DIR=$(DATA_DIR) \
+		$(BIN)/streamlit run app.py --server.port $(PORT)
 
 test: setup-dev browser
 	$(BIN)/python -m pytest

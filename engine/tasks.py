@@ -41,8 +41,11 @@ def store_dataset(
     source: str,
     origin: str,
     notes: dict[str, Any] | None = None,
+    make_current: bool = True,
 ) -> dict[str, Any]:
     """Validate, summarise and store ``adata``; return ``{dataset_id, ...}``.
+
+    With ``make_current`` the dataset becomes the workspace's current one (``state.json``).
 
     Writes the dataset folder plus ``summary.json`` and ``qc.parquet`` (per-cell library
     size, detected genes, mitochondrial fraction) so pages never recompute them.
@@ -68,7 +71,8 @@ def store_dataset(
         notes=notes,
     )
     write_summary(context.workspace, record.id, summary)
-    context.workspace.set_state(dataset_id=record.id)
+    if make_current:
+        context.workspace.set_state(dataset_id=record.id, split_id=None)
     context.progress(1.0, f"stored {record.n_cells} cells × {record.n_genes} genes")
     return {
         "dataset_id": record.id,
@@ -178,6 +182,7 @@ def mock_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
     return store_dataset(
         adata, context, name=name, source="multimodal mock generator", origin="mock",
         notes={"scenario": kwargs["problem_type"], "keys": keys},
+        make_current=False,  # the Mock data page offers that as a choice
     )
 
 

@@ -152,7 +152,7 @@ with st.form("roles"):
         guess = record.roles.get(role)
         chosen = column.selectbox(role.replace("_", " "), options,
                                   index=options.index(guess) if guess in options else 0,
-                                  key=f"role-{role}")
+                                  key=f"role-{record.id}-{role}")
         chosen_roles[role] = None if chosen == "—" else chosen
     if st.form_submit_button("Save roles"):
         used = [c for c in chosen_roles.values() if c]

@@ -75,6 +75,7 @@ if umap is not None:
         with column:
             figure = px.scatter(frame, x="UMAP 1", y="UMAP 2", color=colour,
                                 title=f"UMAP of the complete RNA profiles, by {colour}",
+                                category_orders={colour: sorted(frame[colour].unique())},
                                 render_mode="webgl")
             figure.update_traces(marker=dict(size=3))
             plotly(figure, key=f"umap-{colour}")

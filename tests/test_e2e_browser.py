@@ -24,7 +24,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run",
 ]
-SCREENSHOT = REPO / "docs" / "screenshot.png"
+SCREENSHOT = REPO / "docs" / "screenshot.png"  # the README's picture (the Mock data page)
 
 pytestmark = pytest.mark.browser
 
@@ -125,9 +125,31 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         job = next(p for p in (workspace_root / "jobs").iterdir()
                    if '"kind": "train"' in (p / "job.json").read_text())
         assert '"progress": 1.0' in (job / "job.json").read_text()
-        expect(page.get_by_text(runs[0].key)).to_be_visible()  # the run, selected in the table
+        # The run, selected in the table, is named under it.
+        expect(page.get_by_role("code").filter(has_text=runs[0].key)).to_be_visible()
 
         SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=False)
+        page.screenshot(path=str(SCREENSHOT.with_name("train.png")), full_page=False)
+
+        # Generate a mock scenario as a job and preview it as a UMAP.
+        page.get_by_role("link", name="Mock data").click()
+        expect(page.get_by_role("heading", name="Mock data", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("combobox", name="Scenario").click()
+        page.get_by_role("option", name="bridge").click()
+        cells = page.get_by_label("Cells", exact=True)
+        cells.fill("800")
+        cells.press("Enter")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_text("UMAP of the complete RNA profiles, by cluster")).to_be_visible(
+            timeout=180_000)
+        expect(page.get_by_text("Opened mock bridge")).to_be_visible()
+        expect(page.locator("text.legendtext", has_text="RNA+ATAC")).to_be_visible()  # bridge cells
+        _wait_idle(page)
+        # Streamlit scrolls inside its own container: a tall viewport shows the whole page.
+        page.set_viewport_size({"width": 1400, "height": 2100})
+        page.get_by_text("UMAP of the complete RNA profiles, by cluster").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(SCREENSHOT))
         browser.close()
     print(f"first page in {first_page_s:.2f} s")

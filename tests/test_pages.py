@@ -113,6 +113,10 @@ def split_kang(ws: Workspace, dataset_id: str, **params) -> str:
     return split_dataset(params, ctx(ws))["split_id"]
 
 
+def role_box(at: AppTest, dataset_id: str, role: str):
+    return at.selectbox(key=f"role-{dataset_id}-{role}")
+
+
 def page_links(at: AppTest) -> list[tuple[str, str]]:
     """(label, url path) of each ``st.page_link`` on the page."""
     return [(e.proto.label, e.proto.page) for e in at.get("page_link")]
@@ -143,14 +147,14 @@ def test_data_page_summarises_kang_and_saves_roles(ws: Workspace) -> None:
     table = at.dataframe[0].value
     assert set(table["column"]) == set(adata.obs.columns)
     # roles are pre-filled with the guesses
-    roles = {role: at.selectbox(key=f"role-{role}").value for role in ROLES}
+    roles = {role: role_box(at, dataset_id, role).value for role in ROLES}
     assert roles == {"donor": "donor", "cell_type": "cell_type", "condition": "condition",
                      "batch": "—"}
-    assert at.selectbox(key="role-batch").options == ["—", *adata.obs.columns]
+    assert role_box(at, dataset_id, "batch").options == ["—", *adata.obs.columns]
     assert "No donor column: splits will be cell-level and labelled so." not in texts(at.caption)
 
     # choosing a batch column and saving stores it with the dataset
-    at.selectbox(key="role-batch").set_value("sample")
+    role_box(at, dataset_id, "batch").set_value("sample")
     button(at, "Save roles").click()
     run(at)
     assert "Roles saved with the dataset." in texts(at.success)
@@ -159,7 +163,7 @@ def test_data_page_summarises_kang_and_saves_roles(ws: Workspace) -> None:
     }
 
     # one column for two roles: a sentence, and nothing saved
-    at.selectbox(key="role-condition").set_value("donor")
+    role_box(at, dataset_id, "condition").set_value("donor")
     button(at, "Save roles").click()
     run(at)
     assert texts(at.error) == ["Each column can take one role only; pick different columns."]
@@ -167,8 +171,8 @@ def test_data_page_summarises_kang_and_saves_roles(ws: Workspace) -> None:
     assert ws.get_dataset(dataset_id).roles["condition"] == "condition"
 
     # unmapping the donor says that splits become cell-level
-    at.selectbox(key="role-condition").set_value("condition")
-    at.selectbox(key="role-donor").set_value("—")
+    role_box(at, dataset_id, "condition").set_value("condition")
+    role_box(at, dataset_id, "donor").set_value("—")
     button(at, "Save roles").click()
     run(at)
     assert ws.get_dataset(dataset_id).roles["donor"] is None
@@ -200,6 +204,77 @@ def test_data_page_open_path_with_bad_file_fails_with_a_sentence(
     assert "dataset_id" not in ws.state()
     assert texts(at.info) == ["Open a dataset above to see its summary."]
     assert bad.exists()  # a path on the server is never deleted
+
+
+@pytest.mark.shared_data
+def test_data_page_shows_the_roles_of_the_dataset_made_current(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """Regression: the role boxes kept the previous dataset's choices (same widget keys)."""
+    kang_id = import_kang(ws)
+    subset = ad.read_h5ad(KANG)[:500].copy()
+    path = tmp_path / "kang_500.h5ad"
+    subset.write_h5ad(path)
+    other_id = import_dataset({"path": str(path)}, ctx(ws))["dataset_id"]
+    other_roles = {"donor": "sample", "cell_type": "geo_cluster", "condition": "condition",
+                   "batch": None}
+    ws.set_roles(other_id, other_roles)
+    ws.set_state(dataset_id=kang_id)
+
+    at = run(page("data"))
+    assert role_box(at, kang_id, "donor").value == "donor"
+    at.selectbox(key="stored_choice").set_value(other_id)
+    at.button(key="make_current").click()
+    run(at)
+    assert at.header[0].value == "kang_500.h5ad"
+    assert metrics(at)["Cells"] == "500"
+    assert {role: role_box(at, other_id, role).value for role in ROLES} == {
+        "donor": "sample", "cell_type": "geo_cluster", "condition": "condition", "batch": "—"
+    }
+    button(at, "Save roles").click()
+    run(at)
+    assert ws.get_dataset(other_id).roles == other_roles
+    assert ws.get_dataset(kang_id).roles["donor"] == "donor"
+
+
+@pytest.mark.shared_data
+def test_data_page_offers_the_fix_for_duplicate_gene_names(
+    ws: Workspace, manager: JobManager, tmp_path: Path
+) -> None:
+    adata = ad.read_h5ad(PBMC_SMALL)
+    names = adata.var_names.to_numpy().copy()
+    names[1] = names[0]
+    adata.var_names = names
+    path = tmp_path / "duplicated.h5ad"
+    adata.write_h5ad(path)
+
+    at = run(page("data"))
+    at.text_input(key="server_path").set_value(str(path))
+    at.button(key="open_path").click()
+    run(at)
+    failed = wait_done(manager, at.session_state["data_job"], "failed")
+    assert failed.error_fix == "make_unique"
+    run(at)
+    assert texts(at.error) == [failed.error]
+    assert names[0] in failed.error
+    assert ws.list_datasets() == []
+
+    button(at, "Make the names unique and open it").click()
+    run(at)
+    retry_id = at.session_state["data_job"]
+    assert retry_id != failed.id
+    assert manager.get(retry_id).params["make_unique"] is True
+    done = wait_done(manager, retry_id)
+    run(at)
+    dataset_id = done.result["dataset_id"]
+    assert texts(at.success) == ["Opened duplicated.h5ad: 80 cells × 230 genes."]
+    assert not at.error
+    assert ws.state()["dataset_id"] == at.session_state["dataset_id"] == dataset_id
+    assert at.session_state["split_id"] is None
+    assert metrics(at)["Cells"] == "80" and metrics(at)["Genes"] == "230"
+    stored = ws.load_dataset(dataset_id, backed=True)
+    assert stored.var_names.is_unique
+    assert path.exists()  # only uploads are deleted after opening
 
 
 @pytest.mark.shared_data
@@ -296,6 +371,26 @@ def test_split_page_without_donor_role_warns_cell_level(ws: Workspace) -> None:
     assert not [c for c in texts(at.caption) if c.startswith("Test donors:")]
 
 
+@pytest.mark.shared_data
+def test_split_page_switches_between_splits(ws: Workspace) -> None:
+    dataset_id = import_kang(ws)
+    first = split_kang(ws, dataset_id, seed=0)
+    second = split_kang(ws, dataset_id, seed=1, test_fraction=0.5)  # now the current one
+    at = run(via_app("split"))
+    chooser = at.selectbox[0]
+    assert chooser.label == "Split"
+    assert chooser.value == second
+    assert metrics(at)["Test donors"] == "4"
+
+    chooser.set_value(first)
+    run(at)
+    assert ws.state()["split_id"] == first == at.session_state["split_id"]
+    assert metrics(at)["Test donors"] == "2"
+    assert as_int(metrics(at)["Test cells"]) == ws.get_split(first).n_test
+    caption = next(c for c in texts(at.caption) if c.startswith("Test donors: "))
+    assert caption == "Test donors: " + ", ".join(ws.get_split(first).test_donors)
+
+
 # -- Mock data -----------------------------------------------------------------------------------
 def test_mock_page_generates_previews_and_makes_current(
     ws: Workspace, manager: JobManager
@@ -333,6 +428,7 @@ def test_mock_page_generates_previews_and_makes_current(
     assert shown["Modality combinations"] == str(len(table))
     assert len(table) > 1  # mosaic: cells keep different subsets
     assert "none" not in set(table["observed modalities"])  # subsets are non-empty
+    assert len(at.get("plotly_chart")) == 2  # UMAP by cluster and by observed modalities
     # The task itself already wrote the workspace state (store_dataset does that for every
     # dataset); clear both selections to see what the button does.
     ws.set_state(dataset_id=None)
@@ -419,23 +515,22 @@ def test_jobs_page_without_jobs(ws: Workspace) -> None:
 def test_jobs_page_lists_jobs_with_status_and_cancels(ws: Workspace,
                                                       manager: JobManager) -> None:
     now = time.time()
-    for job_id, status, extra in (
+    for age, (job_id, status, extra) in enumerate((
         ("20250101-000000-aaaaaa", "done",
          {"progress": 1.0, "message": "stored 10 cells", "result": {"message": "ok"}}),
         ("20250101-000001-bbbbbb", "failed",
          {"progress": 0.3, "message": "failed", "error": "That file is not a count matrix.",
           "traceback": "Traceback (most recent call last):\nDataError: not counts"}),
-    ):
+    )):
         record = JobRecord(id=job_id, kind="import_dataset", params={}, title=f"Job {status}",
-                           status=status, created=now - 100, started=now - 90,
+                           status=status, created=now - 100 + age, started=now - 90,
                            finished=now - 80, **extra)
         (ws.jobs_dir / job_id).mkdir()
         save_record(ws.jobs_dir / job_id, record)
 
     at = run(page("jobs"))
     table = at.dataframe[0].value
-    assert list(table["status"]) == ["done", "failed"] or list(table["status"]) == [
-        "failed", "done"]
+    assert list(table["status"]) == ["failed", "done"]  # newest first
     by_title = table.set_index("what")
     assert by_title.loc["Job done", "status"] == "done"
     assert by_title.loc["Job done", "progress"] == 1.0

@@ -124,7 +124,7 @@ _ADT_NOISE_SD = 0.3
 
 # NB draws by inverse transform where the mean is small and the tail light (see _sample_nb).
 _NB_INVERSE_MAX_MEAN = 4.0
-_NB_INVERSE_MAX_Q = 0.8  # tail of P(k) falls at least as fast as 0.8**k
+_NB_INVERSE_MAX_Q = 0.8  # P(k + 1) / P(k) tends to q: the walk ends quickly
 _NB_INVERSE_MAX_STEPS = 400
 # Row chunks of about this many matrix entries: small enough that temporaries are reused
 # from the heap instead of being page-faulted afresh (which costs more than the arithmetic).
