@@ -118,10 +118,10 @@ def import_dataset(params: dict[str, Any], context: Context) -> dict[str, Any]:
     ``layer`` (use this layer / 'raw' as the counts), ``delete_source`` (for uploads),
     ``origin``.
     """
+    import shutil
+
     from engine.data.readers import read_dataset
     from engine.data.validate import make_names_unique, use_counts_layer
-
-    import shutil
 
     path = Path(params["path"])
     scratch = context.workspace.scratch_dir()

@@ -57,7 +57,8 @@ def require_dataset() -> Any:
     record = ws.get_dataset(dataset_id) if dataset_id else None
     if record is None:
         st.info("No dataset is open yet.")
-        st.page_link("pages/data.py", label="Open a dataset on the Data page", icon=":material/folder_open:")
+        st.page_link("pages/data.py", label="Open a dataset on the Data page",
+                     icon=":material/folder_open:")
         st.stop()
     return record
 

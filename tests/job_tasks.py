@@ -14,7 +14,7 @@ def count(params: dict[str, Any], context: Any) -> dict[str, Any]:
         context.progress((step + 1) / steps, f"step {step + 1} of {steps}",
                          metrics={"loss": 1.0 / (step + 1)})
         if params.get("fail_at") == step:
-            raise RuntimeError("boom at step %d" % step)
+            raise RuntimeError(f"boom at step {step}")
     return {"steps": steps, "message": f"counted to {steps}"}
 
 

@@ -148,7 +148,8 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         _wait_idle(page)
         # Streamlit scrolls inside its own container: a tall viewport shows the whole page.
         page.set_viewport_size({"width": 1400, "height": 2100})
-        page.get_by_text("UMAP of the complete RNA profiles, by cluster").scroll_into_view_if_needed()
+        umap_title = page.get_by_text("UMAP of the complete RNA profiles, by cluster")
+        umap_title.scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         page.screenshot(path=str(SCREENSHOT))
         browser.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -74,7 +75,7 @@ def test_queue_runs_jobs_in_order_within_slots(workspace: Path) -> None:
         ids = [manager.submit(COUNT, {"steps": 2, "delay": 0.1}, title=f"j{i}") for i in range(3)]
         records = [manager.wait(i, timeout=120) for i in ids]
         assert [r.status for r in records] == ["done"] * 3
-        for earlier, later in zip(records, records[1:], strict=False):
+        for earlier, later in itertools.pairwise(records):
             assert later.started >= earlier.finished - 0.05  # never overlapping
     finally:
         manager.shutdown(kill_running=True)

@@ -40,9 +40,9 @@ def list_datasets(folders: list[Path] | None = None) -> list[CatalogEntry]:
                 if path.name.startswith("."):
                     continue
                 relative = f"{root.name}/{path.relative_to(root)}"
-                if path.is_file() and path.suffix == ".h5ad":
-                    entries.append(CatalogEntry(relative, path, _size_mb(path)))
-                elif path.is_dir() and (path.suffix == ".zarr" or _is_10x_folder(path)):
+                is_h5ad = path.is_file() and path.suffix == ".h5ad"
+                is_store = path.is_dir() and (path.suffix == ".zarr" or _is_10x_folder(path))
+                if is_h5ad or is_store:
                     entries.append(CatalogEntry(relative, path, _size_mb(path)))
                 elif path.is_dir() and depth < MAX_DEPTH:
                     stack.append((path, depth + 1))
