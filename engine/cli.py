@@ -93,8 +93,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     workspace = Workspace(args.workspace)
     scratch = workspace.scratch_dir()
     try:
-        fmt = "zip" if path.suffix.lower() == ".zip" else detect_format(path)
         adata = read_dataset(path, cells_as_columns=args.cells_as_columns, workdir=scratch)
+        fmt = detect_format(path)  # after reading, so errors match the page; zip: its content
         check = validate_dataset(adata)
         summary = summarize(adata)
     finally:
@@ -142,10 +142,13 @@ def cmd_roles(args: argparse.Namespace) -> int:
     record = workspace.get_dataset(args.dataset)
     if record is None:
         raise UserFacingError(f"No dataset {args.dataset} in the workspace {workspace.root}.")
+    from engine.data.roles import check_role_mapping
+
     roles = dict(record.roles)
     for item in args.set or []:
         role, _, column = item.partition("=")
         roles[role] = column or None
+    check_role_mapping(roles, list(workspace.load_obs(record.id).columns))
     record = workspace.set_roles(record.id, roles)
     _print(record.roles)
     return 0

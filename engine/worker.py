@@ -21,6 +21,14 @@ from engine.jobs import CANCEL_FLAG, JobRecord, load_record, save_record
 from engine.store import Workspace
 
 WRITE_EVERY_S = 0.25
+# Held for every write of job.json, so the parent watcher's final "interrupted" record can
+# never be overwritten by a progress write racing it.
+_RECORD_LOCK = threading.Lock()
+
+
+def _save(job_dir: Path, record: JobRecord) -> None:
+    with _RECORD_LOCK:
+        save_record(job_dir, record)
 
 
 @dataclass
@@ -50,7 +58,7 @@ class JobContext:
             self.record.metrics.setdefault(name, []).append(float(value))
         now = time.monotonic()
         if metrics or now - self._last_write >= WRITE_EVERY_S or fraction >= 1.0:
-            save_record(self.job_dir, self.record)
+            _save(self.job_dir, self.record)
             self._last_write = now
 
     def log(self, text: str) -> None:
@@ -62,6 +70,7 @@ def _watch_parent(job_dir: Path, parent_pid: int) -> None:
     while True:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
+            _RECORD_LOCK.acquire()  # never released: the process ends below
             record = load_record(job_dir)
             if record is not None and record.status == "running":
                 record.status = "interrupted"
@@ -82,7 +91,7 @@ def run_job(job_dir: Path) -> int:
     record.pid = os.getpid()
     record.started = record.started or time.time()
     record.message = "running"
-    save_record(job_dir, record)
+    _save(job_dir, record)
     context = JobContext(workspace=Workspace(), job_dir=job_dir, record=record)
     code = 0
     try:
@@ -108,7 +117,7 @@ def run_job(job_dir: Path) -> int:
         record.traceback = traceback.format_exc()
         code = 1
     record.finished = time.time()
-    save_record(job_dir, record)
+    _save(job_dir, record)
     return code
 
 

@@ -9,7 +9,8 @@ import plotly.express as px
 import streamlit as st
 
 from engine.data.catalog import list_datasets
-from engine.data.roles import ROLES
+from engine.data.roles import ROLES, check_role_mapping
+from engine.errors import DataError
 from engine.settings import upload_limit_mb
 from pages._ui import current, job_panel, jobs, plotly, set_current, workspace
 
@@ -155,9 +156,10 @@ with st.form("roles"):
                                   key=f"role-{record.id}-{role}")
         chosen_roles[role] = None if chosen == "—" else chosen
     if st.form_submit_button("Save roles"):
-        used = [c for c in chosen_roles.values() if c]
-        if len(used) != len(set(used)):
-            st.error("Each column can take one role only; pick different columns.")
+        try:
+            check_role_mapping(chosen_roles, options[1:])
+        except DataError as error:
+            st.error(str(error))
         else:
             record = ws.set_roles(record.id, chosen_roles)
             st.success("Roles saved with the dataset.")

@@ -272,6 +272,15 @@ def test_import_then_datasets_and_roles(kang: dict[str, Any]) -> None:
         roles = cli_json(ws, "roles", dataset_id, "donor=sample", "condition=")
         assert roles == {**before, "donor": "sample", "condition": None}
         assert json.loads(meta_path.read_text())["roles"] == roles  # persisted
+        bad = {
+            "species=donor": "Unknown role 'species'",
+            "donor=individual": "There is no column 'individual'",
+            "batch=sample": "Each column can take one role only",
+        }
+        for setting, sentence in bad.items():
+            proc = cli(ws, "roles", dataset_id, setting, expect=2)
+            assert sentence in proc.stderr and "Traceback" not in proc.stderr
+        assert json.loads(meta_path.read_text())["roles"] == roles  # unchanged by bad input
     finally:
         from engine.store import Workspace
 

@@ -127,9 +127,10 @@ def test_worker_stops_itself_when_the_app_goes_away(workspace: Path) -> None:
         if record and record.progress > 0:
             break
         time.sleep(0.05)
+    assert load_record(job_dir).progress > 0, "the worker never reported progress"
     os.kill(app.pid, signal.SIGKILL)
     app.wait()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and load_record(job_dir).status == "running":
         time.sleep(0.1)
     assert load_record(job_dir).status == "interrupted"

@@ -166,6 +166,13 @@ def test_fingerprint_dense_equals_sparse_and_sees_one_count() -> None:
     assert fingerprint_adata(adata[:, ::-1].copy()) != base  # same values, other gene order
 
 
+def test_fingerprint_does_not_depend_on_chunk_size() -> None:
+    adata = toy()
+    base = fingerprint_adata(adata)
+    for chunk_rows in (1, 3, 7, adata.n_obs):
+        assert fingerprint_adata(adata, chunk_rows=chunk_rows) == base, chunk_rows
+
+
 # --------------------------------------------------------------------------- datasets
 def test_add_dataset_twice_returns_the_same_id_without_rewriting(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")

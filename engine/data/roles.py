@@ -8,8 +8,11 @@ the Data page, and :func:`validate_roles` lists what looks wrong with a mapping.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
+
+from engine.errors import DataError
 
 __all__ = ["ROLES", "ROLE_NAMES", "guess_roles", "is_categorical_like", "validate_roles"]
 
@@ -209,3 +212,22 @@ def validate_roles(obs: pd.DataFrame, roles: dict[str, str | None]) -> list[str]
         if role in ("cell_type", "condition", "batch") and not is_categorical_like(series):
             warnings.append(f"The {label} column '{column}' holds decimal numbers, not labels.")
     return warnings
+
+
+def check_role_mapping(roles: Mapping[str, str | None], columns: Sequence[str]) -> None:
+    """Raise DataError unless every key is a known role, every column exists in ``columns``,
+    and no column takes two roles."""
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise DataError(
+            f"Unknown role {unknown[0]!r}: the roles are {', '.join(ROLES)}."
+        )
+    missing = [c for c in roles.values() if c and c not in columns]
+    if missing:
+        raise DataError(
+            f"There is no column {missing[0]!r} in this dataset's cell metadata; "
+            f"the columns are {', '.join(map(str, columns))}."
+        )
+    used = [c for c in roles.values() if c]
+    if len(used) != len(set(used)):
+        raise DataError("Each column can take one role only; pick different columns.")
