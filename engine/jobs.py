@@ -122,15 +122,17 @@ class JobManager:
 
     # -- public ------------------------------------------------------------------------
     def submit(
-        self, kind: str, params: dict[str, Any], *, title: str, device: str = "cpu"
+        self, kind: str, params: dict[str, Any], *, title: str, device: str | None = None
     ) -> str:
         """Queue a job running task ``kind`` with ``params``; return its id.
 
-        Writes ``jobs/<id>/job.json`` with status ``queued``.
+        ``device`` is ``"cpu"`` or ``"gpu"``; by default the task decides
+        (:func:`engine.tasks.job_device`). Writes ``jobs/<id>/job.json`` with status ``queued``.
         """
-        from engine.tasks import resolve_task
+        from engine.tasks import job_device, resolve_task
 
         resolve_task(kind)
+        device = device or job_device(kind, params)
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         record = JobRecord(id=job_id, kind=kind, params=params, title=title, device=device)
         job_dir = self.workspace.jobs_dir / job_id

@@ -374,6 +374,26 @@ TASKS: dict[str, TaskFn] = {
 }
 
 
+def job_device(kind: str, params: dict[str, Any]) -> str:
+    """Return ``"gpu"`` for a job that will use CUDA (GPU jobs run one at a time), else
+    ``"cpu"``: a training job of an accelerated generator on a machine with CUDA."""
+    if kind != "train":
+        return "cpu"
+    from engine.generators.registry import get_generator
+
+    try:
+        generator_cls = get_generator(params.get("generator", ""))
+    except ValueError:
+        return "cpu"
+    if not generator_cls.capabilities.accelerated:
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_task(kind: str) -> TaskFn:
     """Return the task function for ``kind``: a name in :data:`TASKS`, or ``"module:function"``
     for tasks defined outside the engine (plugins, tests). Raises ValueError if unknown."""

@@ -25,6 +25,7 @@ def job_table() -> None:
             "job": [r.id for r in records],
             "what": [r.title for r in records],
             "status": [r.status for r in records],
+            "device": [r.device for r in records],
             "progress": [r.progress for r in records],
             "message": [r.error or r.message for r in records],
             "started": [dt.datetime.fromtimestamp(r.started).strftime("%H:%M:%S")

@@ -146,3 +146,26 @@ def test_stale_running_record_without_process_is_interrupted(workspace: Path) ->
     save_record(job_dir, record)
     JobManager(ws, start_scheduler=False)
     assert load_record(job_dir).status == "interrupted"
+
+
+def test_gpu_jobs_run_one_at_a_time_beside_cpu_jobs(workspace: Path) -> None:
+    manager = JobManager(Workspace(workspace), cpu_slots=1, poll_s=0.05)
+    try:
+        gpu = [manager.submit(COUNT, {"steps": 3, "delay": 0.1}, title=f"g{i}", device="gpu")
+               for i in range(2)]
+        cpu = manager.submit(COUNT, {"steps": 3, "delay": 0.1}, title="c", device="cpu")
+        records = {i: manager.wait(i, timeout=120) for i in [*gpu, cpu]}
+        assert all(r.status == "done" for r in records.values())
+        first, second = (records[i] for i in gpu)
+        assert second.started >= first.finished - 0.05  # the GPU slot is exclusive
+        assert records[cpu].started < first.finished  # a CPU job does not wait for it
+        assert manager.get(cpu).device == "cpu" and first.device == "gpu"
+    finally:
+        manager.shutdown(kill_running=True)
+
+
+def test_mock_training_is_a_cpu_job() -> None:
+    from engine.tasks import job_device
+
+    assert job_device("train", {"generator": "mock"}) == "cpu"
+    assert job_device("split", {}) == "cpu"

@@ -37,6 +37,7 @@ class Capabilities:
     posterior: bool = False
     modalities: tuple[str, ...] = ("rna",)
     dp_mechanisms: tuple[str, ...] = ()
+    accelerated: bool = False  # trains with torch: on CUDA when present, as a GPU job
 
     def as_labels(self) -> list[str]:
         """Return short human labels of the capabilities that are present."""
