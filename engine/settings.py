@@ -35,15 +35,3 @@ def cpu_job_slots() -> int:
         return max(1, int(os.environ.get("SYNTHCELL_CPU_JOBS", "1")))
     except ValueError:
         return 1
-
-
-def upload_limit_mb() -> int:
-    """Return the upload limit from ``.streamlit/config.toml`` (``server.maxUploadSize``)."""
-    config = REPO_ROOT / ".streamlit" / "config.toml"
-    try:
-        import tomllib
-
-        with config.open("rb") as fh:
-            return int(tomllib.load(fh).get("server", {}).get("maxUploadSize", 200))
-    except (OSError, ValueError):
-        return 200

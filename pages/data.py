@@ -11,7 +11,6 @@ import streamlit as st
 from engine.data.catalog import list_datasets
 from engine.data.roles import ROLES, check_role_mapping
 from engine.errors import DataError
-from engine.settings import upload_limit_mb
 from pages._ui import current, job_panel, jobs, plotly, set_current, workspace
 
 st.title("Data")
@@ -62,7 +61,7 @@ with sample_tab:
             open_path(str(entry.path), name=entry.label)
 
 with upload_tab:
-    limit = upload_limit_mb()
+    limit = st.get_option("server.maxUploadSize")
     st.caption(
         f"`.h5ad`, zipped `.zarr` or 10x folder, 10x `.h5`, `.mtx` zip, CSV/TSV (optionally "
         f".gz), or a zip of `.npz` chunks with their metadata. Up to {limit} MB; larger files: "

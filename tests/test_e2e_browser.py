@@ -4,6 +4,7 @@ and saves the README screenshot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,18 +37,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+@contextlib.contextmanager
+def _serve(workspace: Path, *extra_args: str) -> Iterator[str]:
+    """Run ``streamlit run app.py`` on a free port with its own workspace; yield its URL."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install "
                     "chromium).")
-    workspace = tmp_path_factory.mktemp("e2e") / "workspace"
     port = _free_port()
     env = dict(os.environ, SYNTHCELL_WORKSPACE=str(workspace))
     env.pop("SYNTHCELL_DATA_DIR", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+         "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra_args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -61,12 +63,33 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     else:
         server.kill()
         pytest.fail(f"streamlit did not start: {server.stdout.read().decode()[-2000:]}")
-    yield url, workspace
-    server.terminate()
     try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    workspace = tmp_path_factory.mktemp("e2e") / "workspace"
+    with _serve(workspace) as url:
+        yield url, workspace
+
+
+@contextlib.contextmanager
+def _browser_page() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
 
 
 def _wait_idle(page, timeout_ms: int = 60_000) -> None:
@@ -76,17 +99,13 @@ def _wait_idle(page, timeout_ms: int = 60_000) -> None:
 
 
 def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, workspace_root = app_url
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        started = time.monotonic()
+    with _browser_page() as page:
         page.goto(url)
         expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(
             timeout=60_000)
-        first_page_s = time.monotonic() - started
 
         # Open the first sample (a mock dataset made by the project).
         page.get_by_role("button", name="Open sample").click()
@@ -152,5 +171,30 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         umap_title.scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         page.screenshot(path=str(SCREENSHOT))
-        browser.close()
-    print(f"first page in {first_page_s:.2f} s")
+
+
+def test_bad_uploads_get_one_sentence_and_leave_nothing(tmp_path: Path) -> None:
+    """A corrupt file and a file over the upload limit (1 MB here) in a real browser."""
+    from playwright.sync_api import expect
+
+    workspace = tmp_path / "workspace"
+    corrupt = tmp_path / "truncated.h5ad"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 2000)
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"cell,g1\n" + b"c,1\n" * 400_000)  # 1.6 MB
+    with _serve(workspace, "--server.maxUploadSize", "1") as url, _browser_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Upload").click()
+        expect(page.get_by_text("Up to 1 MB; larger files: open them by path")).to_be_visible(
+            timeout=60_000)
+        page.locator('input[type="file"]').set_input_files(str(corrupt))
+        page.get_by_role("button", name="Open upload").click()
+        alert = page.get_by_test_id("stAlertContentError")
+        expect(alert).to_contain_text("corrupt or truncated", timeout=120_000)
+        expect(page.get_by_text("Traceback")).to_have_count(0)  # folded away, not shown
+
+        page.locator('input[type="file"]').set_input_files(str(big))
+        expect(page.get_by_text("File must be 1.0MB or smaller.")).to_be_visible(timeout=30_000)
+    assert list((workspace / "datasets").iterdir()) == []
+    assert list((workspace / ".tmp").iterdir()) == []
+    assert list((workspace / "uploads").iterdir()) == []
