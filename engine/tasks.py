@@ -273,7 +273,7 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
         return {"run_key": key, "cached": True, "message": "Returned the stored run."}
 
     train = None
-    if generator_cls.capabilities.uses_real_data:
+    if generator_cls.capabilities.needs_training_data:
         if not split_id:
             raise UserFacingError(
                 f"{generator_cls.label} learns from real cells: make a split on the Split "

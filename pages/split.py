@@ -76,6 +76,7 @@ if split.unit == "donor":
     per_donor = frame.groupby(["side", "donor"]).size().rename("cells").reset_index()
     figure = px.bar(per_donor, x="donor", y="cells", color="side", title="Cells per donor",
                     category_orders={"side": ["train", "test"]})
+    figure.update_xaxes(type="category")  # donor ids are labels even when they look numeric
     plotly(figure, key="donor-bar")
 balance = result.balance(obs, columns=[c for c in split.params.get("stratify", []) if c in obs])
 for column in [c for c in split.params.get("stratify", []) if c in obs]:

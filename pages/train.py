@@ -7,7 +7,7 @@ import datetime as dt
 import pandas as pd
 import streamlit as st
 
-from engine.generators.base import config_fields
+from engine.generators.base import form_fields
 from engine.generators.registry import list_generators
 from pages._ui import (
     current,
@@ -36,7 +36,7 @@ split_id = current("split_id")
 split = ws.get_split(split_id) if split_id else None
 if split is not None and (dataset is None or split.dataset_id != dataset.id):
     split = None
-needs_data = generator.capabilities.uses_real_data
+needs_data = generator.capabilities.needs_training_data
 if needs_data and split is None:
     st.info(f"{generator.label} learns from real cells: it needs a dataset and a split.")
     st.page_link("pages/split.py", label="Make a split", icon=":material/call_split:")
@@ -46,13 +46,11 @@ if needs_data and dataset is not None and not dataset.is_counts:
     st.warning(dataset.counts_message)
 
 with st.form("train"):
-    # The run's seed (below) drives every random draw; a config's own seed field is hidden.
-    fields = [f for f in config_fields(generator.config_class) if f.name != "seed"]
-    values = render_config_form(fields, key=f"cfg.{name}")
+    values = render_config_form(form_fields(generator.config_class), key=f"cfg.{name}")
     cols = st.columns(2)
     seed = cols[0].number_input("Seed", min_value=0, value=0, step=1)
-    n_cells = cols[1].number_input("Synthetic cells (0: the generator's default)", min_value=0,
-                                   value=0, step=100)
+    n_cells = cols[1].number_input("Synthetic cells (0: as many as the training cells)",
+                                   min_value=0, value=0, step=100)
     launch = st.form_submit_button("Launch run", type="primary",
                                    disabled=needs_data and split is None)
 if launch:

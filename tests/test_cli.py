@@ -387,7 +387,7 @@ def test_generators_lists_mock_with_its_config(workspace: Path) -> None:
     mock = next(g for g in out if g["name"] == "mock")
     assert mock["label"] == "Multimodal mock"
     assert mock["config"] == dataclasses.asdict(MockGeneratorConfig())
-    assert "uses no real data" in mock["capabilities"]
+    assert "trains without a split" in mock["capabilities"]
 
 
 # --------------------------------------------------------------------------- mock

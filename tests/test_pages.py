@@ -451,11 +451,13 @@ def test_train_page_lists_the_mock_generator(ws: Workspace) -> None:
     assert generator.options == ["Multimodal mock"]
     assert generator.value == "mock"
     capabilities = next(m for m in texts(at.markdown) if m.startswith("`modalities"))
-    assert capabilities == "`modalities: rna, atac, adt` `not private` `uses no real data`"
+    assert capabilities == "`modalities: rna, atac, adt` `not private` `trains without a split`"
     assert texts(at.info) == ["No runs yet."]
     # the run's seed is the only seed on the page
     keys = [n.key for n in at.number_input if n.key and n.key.startswith("cfg.mock.")]
-    assert "cfg.mock.n_cells" in keys and "cfg.mock.seed" not in keys
+    # run-level settings (seed, number of cells) are asked once, not in the config form
+    assert "cfg.mock.n_genes" in keys
+    assert "cfg.mock.seed" not in keys and "cfg.mock.n_cells" not in keys
     assert [n.label for n in at.number_input].count("Seed") == 1
     assert not button(at, "Launch run").disabled  # the mock needs no real data
 
@@ -481,7 +483,7 @@ def test_train_page_launches_a_run_on_a_split(ws: Workspace, manager: JobManager
     params = manager.get(job_id).params
     assert params["seed"] == 7 and params["n_cells"] == 300
     assert params["dataset_id"] == dataset_id and params["split_id"] == split_id
-    assert "seed" not in params["config"]
+    assert "seed" not in params["config"] and "n_cells" not in params["config"]
     record = wait_done(manager, job_id)
     run(at)
 

@@ -30,7 +30,7 @@ def no_progress(fraction: float, message: str = "") -> None:
 class Capabilities:
     """What a generator can do; the UI shows these and enables features by them."""
 
-    uses_real_data: bool = True
+    needs_training_data: bool = True  # fit() requires the training cells of a split
     conditional: bool = False
     counterfactual: bool = False
     inverse_design: bool = False
@@ -48,8 +48,8 @@ class Capabilities:
         labels.append(
             f"DP: {', '.join(self.dp_mechanisms)}" if self.dp_mechanisms else "not private"
         )
-        if not self.uses_real_data:
-            labels.append("uses no real data")
+        if not self.needs_training_data:
+            labels.append("trains without a split")
         return labels
 
 
@@ -98,6 +98,15 @@ def config_fields(config_class: type) -> list[FieldSpec]:
             )
         )
     return specs
+
+
+RUN_FIELDS = ("seed", "n_cells")
+
+
+def form_fields(config_class: type) -> list[FieldSpec]:
+    """The config fields a training form shows: all but the run-level ones (seed, number of
+    cells), which the Train page asks for once for every generator."""
+    return [f for f in config_fields(config_class) if f.name not in RUN_FIELDS]
 
 
 def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:

@@ -58,7 +58,7 @@ class MockGenerator(Generator):
         "Learns nothing about expression from real cells: a baseline."
     )
     config_class = MockGeneratorConfig
-    capabilities = Capabilities(uses_real_data=False, modalities=("rna", "atac", "adt"))
+    capabilities = Capabilities(needs_training_data=False, modalities=("rna", "atac", "adt"))
 
     def __init__(self, config: MockGeneratorConfig | None = None) -> None:
         super().__init__(config)
