@@ -259,9 +259,18 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     seed = int(params.get("seed", 0))
     dataset_id = params.get("dataset_id")
     split_id = params.get("split_id")
-    if split_id and workspace.get_split(split_id) is None:
+    split = workspace.get_split(split_id) if split_id else None
+    if split_id and split is None:
         raise UserFacingError(
             f"There is no split {split_id} in the workspace; make one on the Split page first."
+        )
+    dataset = workspace.get_dataset(split.dataset_id) if split else None
+    if dataset is not None and not dataset.is_counts and (
+        generator_cls.capabilities.needs_training_data
+    ):
+        raise UserFacingError(
+            f"{generator_cls.label} models raw counts, but {dataset.name} does not hold them: "
+            f"{dataset.counts_message}"
         )
     key = workspace.run_key(
         dataset_id=dataset_id, split_id=split_id, generator=generator_cls.name,
@@ -281,9 +290,8 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
             )
         context.progress(0.02, "reading the training cells")
         train = workspace.load_split_side(split_id, "train")
-    elif split_id:
-        split = workspace.get_split(split_id)
-        train = workspace.load_split_side(split_id, "train") if split else None
+    elif split is not None:
+        train = workspace.load_split_side(split_id, "train")
 
     started = time.time()
     log_lines: list[str] = []
@@ -312,6 +320,7 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
         "seed": seed,
         "dataset_id": dataset_id or "",
         "split_id": split_id or "",
+        "split_label": split.label if split else "no split",
         "privacy_label": model.privacy_label,
         "privacy_spend": json.dumps(model.privacy_spend()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
