@@ -235,13 +235,15 @@ class Workspace:
             raise
 
     def clean_scratch(self, *, older_than_s: float = 3600.0) -> int:
-        """Remove leftovers of crashed writers from ``.tmp/``; return how many were removed."""
+        """Remove leftovers of crashed writers from ``.tmp/`` and stale uploads from
+        ``uploads/`` (older than ``older_than_s``); return how many were removed."""
         removed = 0
         now = time.time()
-        for path in (self.root / ".tmp").iterdir():
-            if now - path.stat().st_mtime > older_than_s:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-                removed += 1
+        for folder in (self.root / ".tmp", self.uploads_dir):
+            for path in folder.iterdir():
+                if now - path.stat().st_mtime > older_than_s:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+                    removed += 1
         return removed
 
     # -- state -------------------------------------------------------------------------

@@ -20,7 +20,9 @@ EXPORT_FORMATS = ("png", "svg")
 
 @st.cache_resource
 def _workspace(root: str | None) -> Workspace:
-    return Workspace(root)
+    workspace = Workspace(root)
+    workspace.clean_scratch(older_than_s=24 * 3600)  # leftovers of crashed writers, once
+    return workspace
 
 
 def workspace() -> Workspace:
