@@ -11,6 +11,7 @@ import streamlit as st
 from engine.data.catalog import list_datasets
 from engine.data.roles import ROLES, check_role_mapping
 from engine.errors import DataError
+from engine.evaluate.display import histogram_table
 from pages._ui import current, job_panel, jobs, plotly, set_current, workspace
 
 st.title("Data")
@@ -127,9 +128,12 @@ if qc is not None:
     for column, (name, title) in zip(hist_cols, panels, strict=True):
         with column:
             if name in qc:
-                figure = px.histogram(qc, x=name, nbins=60, title=title)
+                bars = histogram_table(qc[name].to_numpy())
+                figure = px.bar(bars, x="centre", y="cells", title=title,
+                                hover_data={"left": ":.3g", "right": ":.3g"})
+                figure.update_traces(width=float((bars["right"] - bars["left"]).mean()))
                 figure.update_layout(height=280, margin=dict(l=10, r=10, t=40, b=10),
-                                     showlegend=False)
+                                     showlegend=False, xaxis_title=name, bargap=0)
                 plotly(figure, key=f"hist-{name}")
             else:
                 st.caption(f"{title}: no mitochondrial genes (MT-/mt-) in this dataset.")

@@ -337,3 +337,4 @@ def test_clean_scratch_removes_only_old_leftovers(tmp_path: Path) -> None:
     os.utime(old, (stale, stale))
     assert ws.clean_scratch() == 1
     assert not old.exists() and fresh.exists()
+
