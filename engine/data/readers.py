@@ -140,9 +140,9 @@ def _pickle_error(path: Path) -> DataError:
     """Return the DataError refusing to unpickle ``path``."""
     return DataError(
         f"'{path.name}' is a Python pickle, which is not opened here because unpickling a file "
-        "can run arbitrary code. Convert it once in a Python session you trust, e.g. "
-        f"`pd.read_pickle('{path.name}').to_parquet('{_stem(path)}.parquet')`, and load "
-        "the Parquet file instead."
+        "can run arbitrary code. Convert it once in a Python session you trust (open it with "
+        f"pandas.read_pickle, then `.to_parquet('{_stem(path)}.parquet')`) and load the "
+        "Parquet file instead."
     )
 
 
