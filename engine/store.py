@@ -469,5 +469,17 @@ class Workspace:
         """Read the synthetic AnnData of a run."""
         return ad.read_h5ad(self.synthetic_path(key))
 
+    def evaluation_dir(self, key: str, split_id: str | None, kind: str = "evaluation") -> Path:
+        """Where the evaluation (or audit) of run ``key`` against a split's held-out cells is
+        cached: ``runs/<key>/<kind>/<split_id>/``."""
+        return self.run_dir(key) / kind / (split_id or "no-split")
+
+    @contextlib.contextmanager
+    def building_evaluation(self, key: str, split_id: str | None,
+                            kind: str = "evaluation") -> Iterator[Path]:
+        """Yield a scratch folder that becomes the evaluation folder only on success."""
+        with self._building(self.evaluation_dir(key, split_id, kind)) as folder:
+            yield folder
+
     def delete_run(self, key: str) -> None:
         shutil.rmtree(self.run_dir(key), ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Privacy: empirical membership-inference audits of synthetic data."""
