@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from engine.evaluate.display import downsample_for_display, histogram_table, observed_modalities
 
@@ -37,3 +38,14 @@ def test_observed_modalities_names_each_combination() -> None:
                         "has_adt": [True, False, False, False]})
     assert observed_modalities(obs).tolist() == ["RNA+ADT", "RNA+ATAC", "ATAC", "none"]
     assert observed_modalities(pd.DataFrame(index=range(2))).tolist() == ["RNA", "RNA"]
+
+
+@pytest.mark.slow
+def test_umap_preview_works_above_scanpy_exact_knn_size() -> None:
+    """scanpy 1.11 + scipy 1.17 fail in sc.pp.neighbors above ~4k cells; we use umap-learn."""
+    from engine.evaluate.embedding import umap_embedding
+    from engine.generators.mock import generate_mock_dataset
+
+    adata, _ = generate_mock_dataset("paired", n_cells=6000, n_genes=500, n_peaks=50, seed=0)
+    coords = umap_embedding(adata, layer="counts_true", n_top_genes=300)
+    assert coords.shape == (6000, 2) and np.isfinite(coords).all()

@@ -41,18 +41,19 @@ def umap_embedding(
         work = work[:, work.var["highly_variable"].to_numpy()].copy()
     n_comps = max(2, min(n_pcs, work.n_obs - 1, work.n_vars - 1))
     sc.pp.pca(work, n_comps=n_comps, random_state=seed)
-    rng = np.random.default_rng(seed)
-    if work.n_obs > max_cells:
-        import umap
+    # umap-learn directly: scanpy 1.11's neighbours step fails on the sparse kNN graph that
+    # scipy 1.17 returns for more than a few thousand cells (csr_array has no getnnz).
+    import umap
 
+    pcs = work.obsm["X_pca"]
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, work.n_obs - 1), random_state=seed)
+    if work.n_obs > max_cells:
+        rng = np.random.default_rng(seed)
         fit_rows = np.sort(rng.choice(work.n_obs, size=max_cells, replace=False))
-        reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed)
-        reducer.fit(work.obsm["X_pca"][fit_rows])
-        coords = reducer.transform(work.obsm["X_pca"])
+        reducer.fit(pcs[fit_rows])
+        coords = reducer.transform(pcs)
     else:
-        sc.pp.neighbors(work, n_neighbors=min(n_neighbors, work.n_obs - 1), random_state=seed)
-        sc.tl.umap(work, random_state=seed)
-        coords = work.obsm["X_umap"]
+        coords = reducer.fit_transform(pcs)
     out = np.zeros((adata.n_obs, 2), dtype=np.float32)
     out[has_counts] = coords
     if (~has_counts).any():
