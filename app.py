@@ -12,6 +12,7 @@ navigation = st.navigation(
         st.Page("pages/split.py", title="Split", icon=":material/call_split:"),
         st.Page("pages/mock.py", title="Mock data", icon=":material/science:"),
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
         st.Page("pages/jobs.py", title="Jobs", icon=":material/schedule:"),
     ]
 )

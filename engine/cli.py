@@ -413,6 +413,77 @@ def cmd_generate_data_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_h5ad(path: str, what: str) -> Any:
+    from engine.data.readers import read_dataset
+
+    if not Path(path).exists():
+        raise UserFacingError(f"The {what} file {path} does not exist.")
+    return read_dataset(Path(path))
+
+
+def _roles_for(real: Any, args: argparse.Namespace) -> dict[str, str | None]:
+    from engine.data.roles import guess_roles
+
+    roles = guess_roles(real.obs)
+    for role in ("donor", "cell_type", "condition"):
+        value = getattr(args, f"{role}_col", None)
+        if value is not None:
+            roles[role] = value or None
+    return roles
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Compare synthetic cells with held-out real cells; optional report and JSON."""
+    from engine.evaluate.report import write_report
+    from engine.evaluate.suite import evaluate
+
+    context = _context(args)
+    if args.run:
+        from engine.tasks import evaluate_run
+
+        result = evaluate_run({"run_key": args.run, "split_id": args.split,
+                               "max_cells": args.max_cells, "seed": args.seed}, context)
+        folder = context.workspace.evaluation_dir(result["run_key"], result["split_id"])
+        _print({**result, "folder": str(folder)})
+        return 0
+    if not (args.real and args.synthetic):
+        raise UserFacingError("Give --real and --synthetic files, or --run KEY from the "
+                              "workspace.")
+    real = _read_h5ad(args.real, "real (held-out)")
+    synthetic = _read_h5ad(args.synthetic, "synthetic")
+    train = _read_h5ad(args.train, "training") if args.train else None
+    result = evaluate(real, synthetic, train=train, roles=_roles_for(real, args),
+                      max_cells=args.max_cells, seed=args.seed, audit=not args.no_audit,
+                      progress=context.progress)
+    payload = result.to_json()
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    if args.report:
+        write_report(result, Path(args.report), title=f"{Path(args.synthetic).name} vs "
+                     f"{Path(args.real).name}")
+    _print({name: payload["metrics"][name] for name in payload["metrics"]
+            if "[" not in name} if not args.json else {"json": args.json,
+                                                        "report": args.report})
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The membership-inference audit alone (needs the training cells)."""
+    from engine.evaluate.suite import evaluate
+
+    context = _context(args)
+    real = _read_h5ad(args.real, "real (held-out)")
+    synthetic = _read_h5ad(args.synthetic, "synthetic")
+    train = _read_h5ad(args.train, "training")
+    result = evaluate(real, synthetic, train=train, roles=_roles_for(real, args),
+                      max_cells=args.max_cells, seed=args.seed, progress=context.progress)
+    payload = result.to_json().get("audit", {})
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    _print(payload)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
@@ -478,6 +549,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-cells", type=int, help="synthetic cells to sample")
     p.set_defaults(func=cmd_train)
+
+    for name, helptext in (("evaluate", "compare synthetic with held-out real cells"),
+                           ("audit", "membership-inference audit of a synthetic dataset")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--real", required=name == "audit", help="held-out real cells (.h5ad)")
+        p.add_argument("--synthetic", required=name == "audit", help="synthetic cells (.h5ad)")
+        p.add_argument("--train", required=name == "audit",
+                       help="training cells (.h5ad), for memorisation and the audit")
+        p.add_argument("--json", help="write every metric with its floor to this JSON file")
+        p.add_argument("--max-cells", type=int, default=4000,
+                       help="cells per compared sample (stratified subsample)")
+        p.add_argument("--seed", type=int, default=0)
+        for role in ("donor", "cell-type", "condition"):
+            p.add_argument(f"--{role}-col", help=f"{role} column of the real data "
+                           "(default: guessed; '' for none)")
+        if name == "evaluate":
+            p.add_argument("--report", help="write a self-contained HTML report here")
+            p.add_argument("--no-audit", action="store_true", help="skip the audit")
+            p.add_argument("--run", help="evaluate a run of the workspace (cached)")
+            p.add_argument("--split", help="with --run: the split (default: the run's)")
+            p.set_defaults(func=cmd_evaluate)
+        else:
+            p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

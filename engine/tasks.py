@@ -373,6 +373,61 @@ def _basic_metrics(synthetic: Any, train: Any) -> dict[str, Any]:
     return out
 
 
+# -- evaluation ---------------------------------------------------------------------------------
+def evaluate_run(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Compare a run's synthetic cells with the held-out cells of a split (and audit it).
+
+    params: ``run_key``; optional ``split_id`` (default: the run's split), ``max_cells``,
+    ``seed``. Cached per (split, run): writes ``runs/<key>/evaluation/<split_id>/`` once.
+    """
+    from engine.evaluate.report import write_report
+    from engine.evaluate.suite import evaluate
+
+    workspace = context.workspace
+    run = workspace.get_run(params["run_key"])
+    if run is None:
+        raise UserFacingError("That run is no longer in the workspace; train it again.")
+    split_id = params.get("split_id") or run.split_id
+    split = workspace.get_split(split_id) if split_id else None
+    if split is None:
+        raise UserFacingError(
+            "Evaluation compares synthetic cells with held-out real donors: choose a dataset "
+            "and make a split on the Split page first."
+        )
+    folder = workspace.evaluation_dir(run.key, split.id)
+    if (folder / "result.json").exists():
+        context.progress(1.0, "found the stored evaluation")
+        return {"run_key": run.key, "split_id": split.id, "cached": True,
+                "message": "Returned the stored evaluation."}
+    dataset = workspace.get_dataset(split.dataset_id)
+    context.progress(0.01, "reading held-out, training and synthetic cells")
+    real = workspace.load_split_side(split.id, "test")
+    train = workspace.load_split_side(split.id, "train")
+    synthetic = workspace.load_synthetic(run.key)
+
+    def report(fraction: float, message: str = "") -> None:
+        context.progress(0.02 + 0.93 * fraction, message)
+
+    result = evaluate(real, synthetic, train=train, roles=dataset.roles if dataset else {},
+                      max_cells=int(params.get("max_cells", 4000)),
+                      seed=int(params.get("seed", 0)), progress=report)
+    result.provenance.update({
+        "run_key": run.key, "generator": run.generator, "config": run.config, "seed": run.seed,
+        "privacy_label": run.privacy_label, "privacy_spend": run.privacy,
+        "dataset": dataset.name if dataset else None,
+        "dataset_fingerprint": dataset.fingerprint if dataset else None,
+        "split_id": split.id, "split_label": split.label,
+    })
+    with workspace.building_evaluation(run.key, split.id) as scratch:
+        result.save(scratch)
+        write_report(result, scratch / "report.html",
+                     title=f"{run.generator} run {run.key[:8]} vs held-out cells")
+    context.progress(1.0, "evaluation stored")
+    auroc, floor = result.metric("classifier_auroc_gbt")
+    return {"run_key": run.key, "split_id": split.id, "cached": False,
+            "message": f"Evaluated: real-vs-synthetic AUROC {auroc:.3f} (floor {floor:.3f})."}
+
+
 TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
 
 TASKS: dict[str, TaskFn] = {
@@ -380,6 +435,7 @@ TASKS: dict[str, TaskFn] = {
     "mock_dataset": mock_dataset,
     "split": split_dataset,
     "train": train_generator,
+    "evaluate": evaluate_run,
 }
 
 

@@ -89,7 +89,9 @@ run = runs[selected[0]] if selected else next((r for r in runs if r.key == curre
                                               runs[0])
 st.markdown(f"Selected run `{run.key}` ({labels.get(run.generator, run.generator)}, "
             f"{run.n_cells:,} cells × {run.n_genes:,} genes, {run.privacy_label}).")
-cols = st.columns(2)
+cols = st.columns(3)
+cols[2].page_link("pages/compare.py", label="Compare with held-out cells",
+                  icon=":material/compare:")
 if cols[0].button("Open as the current synthetic dataset", key="open_run",
                   disabled=current("run_key") == run.key):
     set_current(run_key=run.key)

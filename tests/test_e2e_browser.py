@@ -1,6 +1,6 @@
 """End to end in a real browser: Debian's chromium, driven by Playwright, against
 ``streamlit run app.py``. Opens a sample, maps roles, splits, trains the mock generator,
-and saves the README screenshot."""
+evaluates it on the Compare page, and saves the README screenshot."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from engine.privacy.audit import NOT_PRIVACY_SENTENCE
 from engine.store import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +150,26 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
 
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT.with_name("train.png")), full_page=False)
+
+        # Evaluate the run against the held-out donors: the metrics beside their noise floor,
+        # the membership audit beside them, and the report to download.
+        page.get_by_role("link", name="Compare", exact=True).click()
+        expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("button", name="Evaluate 1 run").click()
+        expect(page.get_by_text("Evaluated: real-vs-synthetic AUROC")).to_be_visible(
+            timeout=300_000)
+        expect(page.get_by_role("heading", name="All metrics")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("heading", name="Privacy audit (membership inference)")
+               ).to_be_visible()
+        expect(page.get_by_text(NOT_PRIVACY_SENTENCE)).to_be_visible()
+        expect(page.get_by_role("button", name="Download report (HTML)")).to_be_visible()
+        # utility, audit (key columns; every column in an expander), all metrics
+        expect(page.get_by_test_id("stDataFrame")).to_have_count(4)
+        _wait_idle(page)
+        workspace = Workspace(workspace_root)
+        folder = workspace.evaluation_dir(runs[0].key, workspace.list_splits()[0].id)
+        assert (folder / "report.html").exists() and (folder / "metrics.parquet").exists()
 
         # Generate a mock scenario as a job and preview it as a UMAP.
         page.get_by_role("link", name="Mock data").click()

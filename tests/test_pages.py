@@ -467,7 +467,7 @@ def test_train_page_launches_a_run_on_a_split(ws: Workspace, manager: JobManager
     dataset_id = import_kang(ws)
     split_id = split_kang(ws, dataset_id)
     split = ws.get_split(split_id)
-    at = run(page("train"))
+    at = run(via_app("train"))  # the page links to Compare
     assert f"Training cells: {split.n_train:,} of **kang_ifnb_pbmc_2k.h5ad** ({split.label})." \
         in texts(at.caption)
 

@@ -571,7 +571,10 @@ def _figures(*, real_counts, real_lognorm, real_pcs, real_obs, synthetic_counts,
     props_real = {**M.gene_properties(real_counts), **M.cell_properties(real_counts)}
     props_synth = {**M.gene_properties(synthetic_counts), **M.cell_properties(synthetic_counts)}
     long = []
-    for name in props_real:
+    # Only one-number-per-gene/cell properties: the paired relationships (n × 2) are
+    # pictured as scatters (mean–variance), not as histograms.
+    univariate = [name for name, v in props_real.items() if np.asarray(v).ndim == 1]
+    for name in univariate:
         for source, props in (("real", props_real), ("synthetic", props_synth)):
             values = np.asarray(props[name], dtype=np.float64).ravel()
             long.append(pd.DataFrame({"property": name, "source": source, "value": values}))
