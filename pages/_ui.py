@@ -65,6 +65,33 @@ def require_dataset() -> Any:
     return record
 
 
+# The steps, in order: (file, title, icon). app.py registers them with st.navigation; every
+# page draws the same links itself, so a page opened by a deep link (which Streamlit runs
+# without app.py because the folder is called pages/) looks and works the same.
+PAGES = (
+    ("pages/data.py", "Data", ":material/folder_open:"),
+    ("pages/split.py", "Split", ":material/call_split:"),
+    ("pages/mock.py", "Mock data", ":material/science:"),
+    ("pages/train.py", "Train", ":material/model_training:"),
+    ("pages/compare.py", "Compare", ":material/compare:"),
+    ("pages/jobs.py", "Jobs", ":material/schedule:"),
+)
+
+
+def page_setup(title: str) -> None:
+    """Start a page: wide layout, the step links and the current selection in the sidebar,
+    and the page's title."""
+    st.set_page_config(page_title=f"{title} · SynthCell Studio",
+                       page_icon=":material/genetics:", layout="wide")
+    with st.sidebar:
+        st.markdown("## SynthCell Studio")
+        for path, label, icon in PAGES:
+            st.page_link(path, label=label, icon=icon)
+        st.divider()
+    sidebar()
+    st.title(title)
+
+
 def sidebar() -> None:
     """Show the current dataset, split and run, and the number of active jobs."""
     ws = workspace()

@@ -12,12 +12,12 @@ from engine.evaluate import figures as F
 from engine.evaluate.report import not_privacy_sentence
 from engine.evaluate.suite import EvaluationResult
 from engine.generators.registry import list_generators
-from pages._ui import current, job_panel, jobs, plotly, require_dataset, workspace
+from pages._ui import current, job_panel, jobs, page_setup, plotly, require_dataset, workspace
 
 COLOR_CHOICES = {"source": "real / synthetic", "cell_type": "cell type",
                  "condition": "condition", "donor": "donor", "gene": "a gene"}
 
-st.title("Compare")
+page_setup("Compare")
 st.caption("Synthetic cells are compared with real cells of the **held-out** donors. Beside "
            "every metric stands its noise floor: the same metric between two donor-disjoint "
            "halves of the real held-out cells.")

@@ -12,9 +12,9 @@ from engine.data.catalog import list_datasets
 from engine.data.roles import ROLES, check_role_mapping
 from engine.errors import DataError
 from engine.evaluate.display import histogram_table
-from pages._ui import current, job_panel, jobs, plotly, set_current, workspace
+from pages._ui import current, job_panel, jobs, page_setup, plotly, set_current, workspace
 
-st.title("Data")
+page_setup("Data")
 st.caption("Open a count matrix, check it, and tell the studio which columns are donors, "
            "cell types, conditions and batches.")
 

@@ -7,9 +7,9 @@ import datetime as dt
 import pandas as pd
 import streamlit as st
 
-from pages._ui import jobs
+from pages._ui import jobs, page_setup
 
-st.title("Jobs")
+page_setup("Jobs")
 st.caption("Every long action runs as a job in its own process; records stay on disk, so a "
            "reload or a restart of the app shows them.")
 

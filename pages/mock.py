@@ -13,13 +13,14 @@ from pages._ui import (
     current,
     job_panel,
     jobs,
+    page_setup,
     plotly,
     render_config_form,
     set_current,
     workspace,
 )
 
-st.title("Mock data")
+page_setup("Mock data")
 st.caption("Simulated cells with known truth: latent clusters drive RNA counts (negative "
            "binomial), ATAC peaks (logistic Bernoulli) and ADT proteins (log-normal); a "
            "scenario then hides modalities. Uses no real data.")

@@ -7,9 +7,18 @@ import plotly.express as px
 import streamlit as st
 
 from engine.data.split import SplitResult
-from pages._ui import current, job_panel, jobs, plotly, require_dataset, set_current, workspace
+from pages._ui import (
+    current,
+    job_panel,
+    jobs,
+    page_setup,
+    plotly,
+    require_dataset,
+    set_current,
+    workspace,
+)
 
-st.title("Split")
+page_setup("Split")
 st.caption("Generators train on the training donors only; every comparison uses the held-out "
            "donors. No donor is ever on both sides.")
 

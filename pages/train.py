@@ -13,12 +13,13 @@ from pages._ui import (
     current,
     job_panel,
     jobs,
+    page_setup,
     render_config_form,
     set_current,
     workspace,
 )
 
-st.title("Train")
+page_setup("Train")
 st.caption("Runs are keyed by a content hash of dataset, split, generator, config and seed: "
            "asking for a run that exists returns it at once.")
 

@@ -193,6 +193,14 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         page.wait_for_timeout(500)
         page.screenshot(path=str(SCREENSHOT))
 
+        # A deep link (a reload, a bookmark) opens the same page with the same sidebar.
+        page.goto(f"{url}/compare")
+        expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible(
+            timeout=60_000)
+        expect(page.get_by_text("Current selection")).to_be_visible()
+        expect(page.get_by_role("link", name="Mock data", exact=True)).to_be_visible()
+        expect(page.get_by_role("link", name="ui", exact=True)).to_have_count(0)
+
 
 def test_bad_uploads_get_one_sentence_and_leave_nothing(tmp_path: Path) -> None:
     """A corrupt file and a file over the upload limit (1 MB here) in a real browser."""

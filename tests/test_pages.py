@@ -27,7 +27,6 @@ from engine.tasks import import_dataset, split_dataset
 from tests.conftest import KANG, PBMC_SMALL
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = REPO / "pages"
 KANG_DONORS = 8
 JOB_TIMEOUT_S = 120
 
@@ -59,7 +58,9 @@ def ctx(ws: Workspace) -> ConsoleContext:
 
 
 def page(name: str) -> AppTest:
-    return AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=60)
+    """A page as the app runs it: every page draws the step links, which need app.py's
+    navigation to know the pages."""
+    return via_app(name)
 
 
 def via_app(name: str) -> AppTest:
@@ -118,8 +119,9 @@ def role_box(at: AppTest, dataset_id: str, role: str):
 
 
 def page_links(at: AppTest) -> list[tuple[str, str]]:
-    """(label, url path) of each ``st.page_link`` on the page."""
-    return [(e.proto.label, e.proto.page) for e in at.get("page_link")]
+    """(label, url path) of each ``st.page_link`` in the page's body (not the sidebar's
+    step links, which every page draws)."""
+    return [(e.proto.label, e.proto.page) for e in at.main.get("page_link")]
 
 
 # -- Data ----------------------------------------------------------------------------------------
@@ -542,7 +544,7 @@ def test_jobs_page_lists_jobs_with_status_and_cancels(ws: Workspace,
     assert by_title.loc["Job done", "seconds"] == 10.0
     assert [e.label for e in at.expander] == ["Errors (1)"]
     assert "**Job failed** — That file is not a count matrix." in texts(at.markdown)
-    assert not at.selectbox  # nothing to cancel
+    assert not at.main.selectbox  # nothing to cancel
 
     # a running job can be cancelled from the page
     job_id = manager.submit("tests.job_tasks:count", {"steps": 400, "delay": 0.05},
@@ -555,14 +557,14 @@ def test_jobs_page_lists_jobs_with_status_and_cancels(ws: Workspace,
     assert len(table) == 3
     assert table.iloc[0]["what"] == "long count"  # newest first
     assert table.iloc[0]["status"] == "running"
-    assert at.selectbox[0].label == "Cancel a job"
-    assert at.selectbox[0].value == job_id
+    assert at.main.selectbox[0].label == "Cancel a job"
+    assert at.main.selectbox[0].value == job_id
     at.button(key="cancel_selected").click()
     run(at)
     assert wait_done(manager, job_id, "cancelled").status == "cancelled"
     run(at)
     assert at.dataframe[0].value.set_index("job").loc[job_id, "status"] == "cancelled"
-    assert not at.selectbox
+    assert not at.main.selectbox
 
 
 # -- the app -------------------------------------------------------------------------------------
