@@ -170,6 +170,11 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         workspace = Workspace(workspace_root)
         folder = workspace.evaluation_dir(runs[0].key, workspace.list_splits()[0].id)
         assert (folder / "report.html").exists() and (folder / "metrics.parquet").exists()
+        page.set_viewport_size({"width": 1400, "height": 2100})
+        page.get_by_role("heading", name="Key metrics").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(SCREENSHOT.with_name("compare.png")))
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
         # Generate a mock scenario as a job and preview it as a UMAP.
         page.get_by_role("link", name="Mock data").click()
