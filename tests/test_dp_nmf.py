@@ -1,0 +1,128 @@
+"""Tests of the DP-NMF generator on pbmc_small and a Kang subsample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator
+from tests.conftest import KANG, PBMC_SMALL
+
+pytestmark = [pytest.mark.shared_data,
+              pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
+
+
+@pytest.fixture(scope="module")
+def kang() -> ad.AnnData:
+    """300 random Kang cells, the 800 most expressed genes."""
+    adata = ad.read_h5ad(KANG)
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, 300, replace=False))
+    adata = adata[rows].copy()
+    means = np.asarray(adata.X.mean(axis=0)).ravel()
+    return adata[:, np.sort(np.argsort(-means)[:800])].copy()
+
+
+@pytest.fixture(scope="module")
+def pbmc_small() -> ad.AnnData:
+    """The 80-cell Seurat example; its Seurat clusters serve as cell types."""
+    return ad.read_h5ad(PBMC_SMALL)
+
+
+def _fit(train: ad.AnnData, **options: object) -> DPNMFGenerator:
+    config = DPNMFConfig(**{"n_components": 6, "nmf_max_iter": 50, "nmf_dp_steps": 10,
+                            **options})
+    model = DPNMFGenerator(config)
+    model.fit(train)
+    return model
+
+
+def test_pbmc_small_counts_names_labels_and_reproducible(pbmc_small: ad.AnnData,
+                                                        tmp_path: Path) -> None:
+    model = _fit(pbmc_small, cell_type_key="RNA_snn_res.0.8")
+    first, second = model.sample(seed=3), model.sample(seed=3)
+    assert sp.isspmatrix_csr(first.X) and first.X.dtype == np.int32
+    assert first.n_obs == pbmc_small.n_obs
+    assert (first.X != second.X).nnz == 0
+    assert (model.sample(seed=4).X != first.X).nnz > 0
+    assert first.X.data.min() >= 0
+    assert list(first.var_names) == list(pbmc_small.var_names)
+    assert set(first.obs["cell_type"]) <= set(pbmc_small.obs["RNA_snn_res.0.8"].astype(str))
+    assert first.uns["privacy"] == {"label": "not private"}
+    model.save(tmp_path / "m")
+    again = DPNMFGenerator.load(tmp_path / "m")
+    assert (again.sample(seed=3).X != first.X).nnz == 0
+
+
+def test_kang_labels_and_reproducible_fit(kang: ad.AnnData, tmp_path: Path) -> None:
+    a, b = _fit(kang, sample_fraction=0.8), _fit(kang, sample_fraction=0.8)
+    sa = a.sample(50, seed=1)
+    assert (sa.X != b.sample(50, seed=1).X).nnz == 0
+    assert sa.n_obs == 50
+    assert len(_fit(kang).cluster_labels) == kang.obs["cell_type"].nunique()
+    assert set(sa.obs["cell_type"]) <= set(kang.obs["cell_type"].astype(str))
+    sa.write_h5ad(tmp_path / "s.h5ad")
+
+
+def test_zinb_has_more_zeros_than_poisson(kang: ad.AnnData) -> None:
+    zinb = _fit(kang).sample(300, seed=0)
+    poisson = _fit(kang, sampling_method="poisson").sample(300, seed=0)
+    zero = lambda x: 1.0 - x.nnz / np.prod(x.shape)  # noqa: E731
+    assert zero(zinb.X) > zero(poisson.X)
+    means_z = np.asarray(zinb.X.mean(axis=0)).ravel()
+    means_p = np.asarray(poisson.X.mean(axis=0)).ravel()
+    assert np.corrcoef(np.log1p(means_z), np.log1p(means_p))[0, 1] > 0.9
+
+
+def test_within_cluster_variation_and_proportions(kang: ad.AnnData) -> None:
+    model = _fit(kang)
+    synth = model.sample(3000, seed=0)
+    lib = np.asarray(synth.X.sum(axis=1)).ravel()
+    biggest = np.argmax(model.params["weights"])
+    in_cluster = synth.obs["cluster"].astype(int).to_numpy() == biggest
+    assert lib[in_cluster].std() / lib[in_cluster].mean() > 0.2
+    observed = np.bincount(synth.obs["cluster"].astype(int), minlength=len(model.cluster_labels))
+    expected = model.params["weights"] / model.params["weights"].sum()
+    assert np.abs(observed / 3000 - expected).max() < 0.04
+    uniform = DPNMFGenerator(model.config)
+    uniform.config.proportion_aware = False
+    uniform.h, uniform.params, uniform.gene_names = model.h, model.params, model.gene_names
+    uniform.cluster_labels, uniform.n_train_cells = model.cluster_labels, model.n_train_cells
+    counts = np.bincount(uniform.sample(3000, seed=0).obs["cluster"].astype(int))
+    assert np.abs(counts / 3000 - 1 / len(counts)).max() < 0.04
+
+
+def test_dp_sampling_keeps_clusters_changes_statistics(kang: ad.AnnData) -> None:
+    plain = _fit(kang)
+    private = _fit(kang, dp="sampling")
+    assert np.array_equal(plain.train_clusters, private.train_clusters)
+    assert np.array_equal(plain.h, private.h)
+    assert not np.allclose(plain.params["mean"], private.params["mean"])
+    spend = private.privacy_spend()
+    assert spend["epsilon"] <= 4.0 + 1e-9 and spend["epsilon"] >= 0.99 * 4.0
+    assert private.sample(20, seed=0).uns["privacy"]["epsilon"] == pytest.approx(
+        spend["epsilon"])
+    assert "partial" in private.privacy_label
+
+
+def test_dp_kmeans_changes_clusters_not_nmf(kang: ad.AnnData) -> None:
+    plain = _fit(kang)
+    private = _fit(kang, dp="kmeans", epsilon_total=2.0)
+    assert np.array_equal(plain.h, private.h)
+    assert not np.array_equal(plain.train_clusters, private.train_clusters)
+    eps = private.privacy_spend()["epsilon"]
+    assert 0.99 * 2.0 <= eps <= 2.0 + 1e-9
+
+
+def test_dp_all_with_donors(kang: ad.AnnData) -> None:
+    model = _fit(kang, dp="all", donor_key="donor", max_cells_per_unit=20)
+    synth = model.sample(100, seed=0)
+    spend = model.privacy_spend()
+    assert 0.99 * 4.0 <= spend["epsilon"] <= 4.0 + 1e-9
+    names = {r["name"] for r in spend["releases"]}
+    assert {"nmf gradient", "kmeans sums", "profile sums"} <= names
+    assert model.privacy_label.startswith("DP (ε=4, δ=") and "unit=donor" in model.privacy_label
+    assert synth.X.data.min() >= 0 and "privacy" in synth.uns
