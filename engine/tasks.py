@@ -243,7 +243,7 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     ``runs/<key>/`` with ``config.json``, ``model/``, ``synthetic.h5ad`` (provenance in
     ``uns['synthcell']``), ``privacy.json``, ``metrics.json``, ``log.txt``, ``meta.json``.
     """
-    from engine.generators.base import config_from_dict
+    from engine.generators.base import config_from_dict, fill_role_fields
     from engine.generators.registry import get_generator
 
     workspace = context.workspace
@@ -251,8 +251,11 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
         generator_cls = get_generator(params["generator"])
     except ValueError as exc:
         raise UserFacingError(str(exc)) from exc
+    role_source = workspace.get_dataset(params["dataset_id"]) if params.get("dataset_id") else None
+    values = fill_role_fields(generator_cls.config_class, params.get("config") or {},
+                              role_source.roles if role_source else {})
     try:
-        config = config_from_dict(generator_cls.config_class, params.get("config") or {})
+        config = config_from_dict(generator_cls.config_class, values)
     except ValueError as exc:
         raise UserFacingError(str(exc)) from exc
     config_dict = dataclasses.asdict(config)

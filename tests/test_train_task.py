@@ -126,3 +126,26 @@ def test_bad_config_and_missing_split_are_sentences(workspace: Path, tmp_path: P
         train_generator({"generator": MeanPoisson.name}, context)
     with pytest.raises(UserFacingError, match="at most 10"):
         train_generator({"generator": MeanPoisson.name, "config": {"scale": 50}}, context)
+
+
+@pytest.mark.shared_data
+def test_dp_nmf_trains_from_the_registry_with_roles_as_its_column_keys(workspace: Path) -> None:
+    from tests.conftest import KANG
+
+    ws = Workspace(workspace)
+    context = ConsoleContext(ws, quiet=True)
+    dataset_id = import_dataset({"path": str(KANG)}, context)["dataset_id"]
+    split_id = split_dataset({"dataset_id": dataset_id, "donor_col": "donor",
+                              "stratify": ["cell_type"], "test_fraction": 0.5, "seed": 0},
+                             context)["split_id"]
+    result = train_generator({"generator": "dp-nmf", "dataset_id": dataset_id,
+                              "split_id": split_id, "seed": 1,
+                              "config": {"n_components": 8, "sampling_method": "poisson"}},
+                             context)
+    run = ws.get_run(result["run_key"])
+    assert run.config["donor_key"] == "donor" and run.config["cell_type_key"] == "cell_type"
+    assert run.privacy_label == "not private"
+    synthetic = ws.load_synthetic(run.key)
+    assert synthetic.n_obs == ws.get_split(split_id).n_train
+    assert set(synthetic.obs["cell_type"]) <= set(ws.load_obs(dataset_id)["cell_type"])
+    assert synthetic.X.dtype == np.int32 and synthetic.X.min() >= 0

@@ -46,7 +46,8 @@ class Capabilities:
             if getattr(self, name):
                 labels.append(name.replace("_", " "))
         labels.append(
-            f"DP: {', '.join(self.dp_mechanisms)}" if self.dp_mechanisms else "not private"
+            f"DP options: {', '.join(self.dp_mechanisms)}" if self.dp_mechanisms
+            else "not private"
         )
         if not self.needs_training_data:
             labels.append("trains without a split")
@@ -101,12 +102,28 @@ def config_fields(config_class: type) -> list[FieldSpec]:
 
 
 RUN_FIELDS = ("seed", "n_cells")
+# Config fields naming a column of the data are filled from the dataset's column roles.
+ROLE_FIELDS = {"donor_key": "donor", "cell_type_key": "cell_type", "condition_key": "condition"}
 
 
 def form_fields(config_class: type) -> list[FieldSpec]:
     """The config fields a training form shows: all but the run-level ones (seed, number of
-    cells), which the Train page asks for once for every generator."""
-    return [f for f in config_fields(config_class) if f.name not in RUN_FIELDS]
+    cells), which the Train page asks for once for every generator, and the column-name
+    fields, which come from the dataset's roles."""
+    return [f for f in config_fields(config_class)
+            if f.name not in RUN_FIELDS and f.name not in ROLE_FIELDS]
+
+
+def fill_role_fields(config_class: type, values: dict[str, Any],
+                     roles: dict[str, str | None]) -> dict[str, Any]:
+    """Return ``values`` with each column-name field the caller left unset taken from the
+    dataset's roles (``donor_key`` from the donor role, and so on; "" when unmapped)."""
+    names = {f.name for f in config_fields(config_class)}
+    filled = dict(values)
+    for field_name, role in ROLE_FIELDS.items():
+        if field_name in names and field_name not in filled:
+            filled[field_name] = roles.get(role) or ""
+    return filled
 
 
 def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:

@@ -59,6 +59,7 @@ from sklearn.decomposition import MiniBatchNMF
 
 from engine.errors import UserFacingError
 from engine.generators.base import Capabilities, Generator, Progress, no_progress
+from engine.generators.registry import register
 from engine.privacy.accountant import Accountant, calibrate_noise_multiplier, default_delta
 from engine.privacy.mechanisms import GaussianRelease, cap_cells_per_unit, clip_rows_l2
 
@@ -194,6 +195,7 @@ def _zinb_moments(
     return mu, r, pi
 
 
+@register
 class DPNMFGenerator(Generator):
     """NMF programmes + k-means clusters + per-cluster count models, optionally DP."""
 
@@ -205,7 +207,7 @@ class DPNMFGenerator(Generator):
         "and programme variation. Each stage can be made differentially private."
     )
     config_class = DPNMFConfig
-    capabilities = Capabilities(dp_mechanisms=("gaussian",))
+    capabilities = Capabilities(dp_mechanisms=("nmf", "kmeans", "sampling"))
 
     def __init__(self, config: DPNMFConfig | None = None) -> None:
         super().__init__(config)

@@ -13,9 +13,16 @@ def register(cls: type[Generator]) -> type[Generator]:
     return cls
 
 
+# Imported in this order, so the registry (and the Train page) lists them in this order.
+BUILTIN_MODULES = ("engine.generators.mock_generator", "engine.generators.dp_nmf")
+
+
 def _load_builtin() -> None:
     # Importing a generator module registers it; kept lazy so importing the registry is cheap.
-    import engine.generators.mock_generator  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def list_generators() -> list[type[Generator]]:
