@@ -484,6 +484,38 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_singlecell_generator(args: argparse.Namespace) -> int:
+    """The seed tool's verb: fit DP-NMF on the configured training counts and write the
+    annotated synthetic .h5ad where the seed put it."""
+    from engine.data.readers import read_dataset
+    from engine.data.validate import validate_dataset
+    from engine.generators.base import config_from_dict
+    from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator
+    from engine.generators.seed_config import read_seed_config
+    from engine.store import write_h5ad_atomic
+
+    config_path = Path(args.config) if args.config else Path.cwd() / "config.yaml"
+    run = read_seed_config(config_path, experiment_name=args.experiment_name, dp=args.dp)
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not run.train_path.exists():
+        raise UserFacingError(f"The training count file {run.train_path} does not exist.")
+    train = read_dataset(run.train_path)
+    validate_dataset(train, require_counts=True)
+    try:
+        config = config_from_dict(DPNMFConfig, run.config)
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
+    context = _context(args)
+    model = DPNMFGenerator(config)
+    model.fit(train, progress=context.progress)
+    synthetic = model.sample(run.n_synth_samples, seed=config.seed, progress=context.progress)
+    write_h5ad_atomic(synthetic, run.output_path)
+    _print({"output": str(run.output_path), "n_cells": int(synthetic.n_obs),
+            "privacy": model.privacy_label, "epsilon": model.privacy_spend().get("epsilon")})
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
@@ -572,6 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_evaluate)
         else:
             p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("run-singlecell-generator",
+                       help="(seed tool verb) DP-NMF from the seed's config.yaml")
+    p.add_argument("--experiment_name", "--experiment-name", dest="experiment_name",
+                   required=True)
+    p.add_argument("--dp", default="none", help="all|nmf|kmeans|sampling|none")
+    p.add_argument("--config", help="config.yaml (default: ./config.yaml)")
+    p.set_defaults(func=cmd_run_singlecell_generator)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)
