@@ -35,3 +35,22 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ws.mkdir()
     monkeypatch.setenv("SYNTHCELL_WORKSPACE", str(ws))
     return ws
+
+
+@pytest.fixture
+def ws(workspace: Path):
+    """The test's workspace as a :class:`engine.store.Workspace`."""
+    from engine.store import Workspace
+
+    return Workspace(workspace)
+
+
+@pytest.fixture
+def stop_job_managers(workspace: Path):
+    """Stop the job managers (scheduler threads, workers) that a test's pages started."""
+    from engine import jobs as engine_jobs
+
+    before = set(engine_jobs._MANAGERS)
+    yield
+    for root in set(engine_jobs._MANAGERS) - before:
+        engine_jobs._MANAGERS.pop(root).shutdown(kill_running=True)

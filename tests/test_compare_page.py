@@ -9,11 +9,9 @@ where the page looks for them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from engine import jobs as engine_jobs
 from engine.evaluate import figures as F
 from engine.evaluate.report import write_report
 from engine.evaluate.suite import EvaluationResult
@@ -36,18 +34,8 @@ from tests.test_report import FEASIBILITY, hand_result
 MOCK = {"n_genes": 200, "n_peaks": 100, "n_proteins": 5}
 
 
-@pytest.fixture
-def ws(workspace: Path) -> Workspace:
-    return Workspace(workspace)
-
-
-@pytest.fixture(autouse=True)
-def _stop_job_managers(workspace: Path):
-    """Stop the job managers (scheduler threads, workers) that a test's pages started."""
-    before = set(engine_jobs._MANAGERS)
-    yield
-    for root in set(engine_jobs._MANAGERS) - before:
-        engine_jobs._MANAGERS.pop(root).shutdown(kill_running=True)
+# Every test here gets the shared `ws` fixture and stops the job managers it started.
+pytestmark = pytest.mark.usefixtures("stop_job_managers")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import pytest
 import scanpy as sc
 from streamlit.testing.v1 import AppTest
 
-from engine import jobs as engine_jobs
 from engine.cli import ConsoleContext
 from engine.data.roles import ROLES
 from engine.generators.mock import SCENARIO_DESCRIPTIONS, SCENARIOS
@@ -32,19 +31,8 @@ JOB_TIMEOUT_S = 120
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture
-def ws(workspace: Path) -> Workspace:
-    return Workspace(workspace)
-
-
-@pytest.fixture(autouse=True)
-def _stop_job_managers(workspace: Path):
-    """Stop the job managers (scheduler threads, workers) that a test's pages started."""
-    before = set(engine_jobs._MANAGERS)
-    yield
-    for root in set(engine_jobs._MANAGERS) - before:
-        manager = engine_jobs._MANAGERS.pop(root)
-        manager.shutdown(kill_running=True)
+# Every test here gets the shared `ws` fixture and stops the job managers it started.
+pytestmark = pytest.mark.usefixtures("stop_job_managers")
 
 
 @pytest.fixture

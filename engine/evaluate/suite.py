@@ -290,6 +290,7 @@ def _compare(
     reference_lognorm: sp.csr_matrix,
     reference_pcs: np.ndarray,
     reference_labels: np.ndarray | None,
+    reference_properties: dict[str, np.ndarray],
     other_counts: sp.csr_matrix,
     other_lognorm: sp.csr_matrix,
     other_pcs: np.ndarray,
@@ -299,13 +300,11 @@ def _compare(
     genes: np.ndarray,
     seed: int,
 ) -> dict[str, float]:
-    """Return every overall metric of ``other`` against the reference sample."""
+    """Return every overall metric of ``other`` against the reference sample (whose data
+    properties, from :func:`_properties`, are computed once for value and floor)."""
     out: dict[str, float] = {}
-    properties_ref = {**M.gene_properties(reference_counts), **M.cell_properties(
-        reference_counts), **M.correlation_properties(reference_lognorm, seed=seed)}
-    properties_other = {**M.gene_properties(other_counts), **M.cell_properties(other_counts),
-                        **M.correlation_properties(other_lognorm, seed=seed)}
-    for name, value in M.property_statistics(properties_ref, properties_other).items():
+    properties_other = _properties(other_counts, other_lognorm, seed=seed)
+    for name, value in M.property_statistics(reference_properties, properties_other).items():
         out[f"ks_{name}"] = value
     out.update(M.genewise_correlations(reference_counts, other_counts))
     out["classifier_auroc_gbt"] = M.classifier_auroc(reference_pcs, other_pcs, model="gbt",
@@ -336,6 +335,13 @@ def _compare(
         out["median_dcr_ratio"] = dcr["median_ratio"]
         out["fraction_closer_to_train"] = dcr["fraction_closer_to_train"]
     return out
+
+
+def _properties(counts: sp.csr_matrix, lognorm: sp.csr_matrix, *, seed: int
+                ) -> dict[str, np.ndarray]:
+    """Return the 13 SimBench data properties of one sample."""
+    return {**M.gene_properties(counts), **M.cell_properties(counts),
+            **M.correlation_properties(lognorm, seed=seed)}
 
 
 PER_TYPE_METRICS = ("classifier_auroc_logreg", "mmd", "gene_mean_pearson")
@@ -469,6 +475,8 @@ def evaluate(
     gene_names = np.asarray(genes)
     common = dict(reference_counts=real_counts[rows_a], reference_lognorm=real_lognorm[rows_a],
                   reference_pcs=real_pcs[rows_a], reference_labels=labels_a,
+                  reference_properties=_properties(real_counts[rows_a], real_lognorm[rows_a],
+                                                   seed=seed),
                   train_pcs=train_pcs, train_counts_all=train_counts_all, genes=gene_names,
                   seed=seed)
     progress(0.25, "comparing synthetic with real cells")
