@@ -235,13 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.tasks import train_generator
 
     context = _context(args)
-    config = _read_json_file(args.config) if args.config else {}
-    for item in args.set or []:
-        name, _, value = item.partition("=")
-        try:
-            config[name] = json.loads(value)  # numbers, true/false, lists
-        except ValueError:
-            config[name] = value  # plain text, e.g. a choice
+    config = _config_from_args(args)
     dataset_id = _resolve_dataset(args, context, args.dataset) if args.dataset else None
     result = train_generator(
         {
@@ -255,6 +249,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         context,
     )
     _print({**result, "folder": str(context.workspace.run_dir(result["run_key"]))})
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """A config dict from ``--config FILE`` and ``--set NAME=VALUE`` pairs."""
+    config = _read_json_file(args.config) if args.config else {}
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        try:
+            config[name] = json.loads(value)  # numbers, true/false, lists
+        except ValueError:
+            config[name] = value  # plain text, e.g. a choice
+    return config
+
+
+def cmd_privacy_plan(args: argparse.Namespace) -> int:
+    """What DP-NMF settings spend, before training: the accountant's total and per stage."""
+    from engine.generators.base import config_from_dict
+    from engine.generators.dp_nmf import DPNMFConfig, plan_privacy
+
+    try:
+        config = config_from_dict(DPNMFConfig, _config_from_args(args))
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
+    plan = plan_privacy(config, n_units=args.units, n_labels=args.labels)
+    _print(plan.to_dict())
+    return 0
+
+
+def cmd_privacy_sweep(args: argparse.Namespace) -> int:
+    """The privacy–utility curve (the Privacy page's job) from the command line."""
+    from engine.privacy.sweep import load_sweep, privacy_sweep
+
+    context = _context(args)
+    result = privacy_sweep({"split_id": args.split, "epsilons": args.epsilons,
+                            "generator": args.generator, "config": _config_from_args(args),
+                            "seed": args.seed, "max_cells": args.max_cells}, context)
+    _print(load_sweep(context.workspace, result["sweep_id"]))
     return 0
 
 
@@ -612,6 +644,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", default="none", help="all|nmf|kmeans|sampling|none")
     p.add_argument("--config", help="config.yaml (default: ./config.yaml)")
     p.set_defaults(func=cmd_run_singlecell_generator)
+
+    p = sub.add_parser("privacy-plan",
+                       help="DP-NMF: the accountant's total for settings, before training")
+    p.add_argument("--units", type=int, required=True,
+                   help="privacy units (donors, or cells without a donor column)")
+    p.add_argument("--labels", type=int, default=0, help="number of cell types")
+    p.add_argument("--config", help="JSON config file")
+    p.add_argument("--set", nargs="*", metavar="NAME=VALUE", help="config values")
+    p.set_defaults(func=cmd_privacy_plan)
+
+    p = sub.add_parser("privacy-sweep",
+                       help="privacy-utility curve: train, compare and audit at each ε")
+    p.add_argument("--split", required=True, help="split id (from `split`)")
+    p.add_argument("--epsilons", default="1,4,10", help="total budgets, e.g. 1,4,10")
+    p.add_argument("--generator", default="dp-nmf")
+    p.add_argument("--config", help="JSON config file")
+    p.add_argument("--set", nargs="*", metavar="NAME=VALUE", help="config values")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cells", type=int, default=4000)
+    p.set_defaults(func=cmd_privacy_sweep)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

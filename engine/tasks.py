@@ -254,6 +254,8 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     role_source = workspace.get_dataset(params["dataset_id"]) if params.get("dataset_id") else None
     values = fill_role_fields(generator_cls.config_class, params.get("config") or {},
                               role_source.roles if role_source else {})
+    if "seed" not in values:  # a config's own seed (fit draws) follows the run's seed
+        values["seed"] = int(params.get("seed", 0))
     try:
         config = config_from_dict(generator_cls.config_class, values)
     except ValueError as exc:
@@ -431,6 +433,13 @@ def evaluate_run(params: dict[str, Any], context: Context) -> dict[str, Any]:
             "message": f"Evaluated: real-vs-synthetic AUROC {auroc:.3f} (floor {floor:.3f})."}
 
 
+def privacy_sweep(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """The privacy–utility curve (see :func:`engine.privacy.sweep.privacy_sweep`)."""
+    from engine.privacy.sweep import privacy_sweep as run_sweep
+
+    return run_sweep(params, context)
+
+
 TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
 
 TASKS: dict[str, TaskFn] = {
@@ -439,6 +448,7 @@ TASKS: dict[str, TaskFn] = {
     "split": split_dataset,
     "train": train_generator,
     "evaluate": evaluate_run,
+    "privacy_sweep": privacy_sweep,
 }
 
 

@@ -52,6 +52,22 @@ def set_current(**values: str | None) -> None:
     workspace().set_state(**values)
 
 
+def privacy_settings() -> dict[str, Any]:
+    """Return the Privacy page's settings of this session, falling back to the workspace's
+    last ones (so they survive a page change and a reload)."""
+    if "privacy_settings" not in st.session_state:
+        st.session_state["privacy_settings"] = dict(
+            workspace().state().get("privacy_settings") or {})
+    return st.session_state["privacy_settings"]
+
+
+def set_privacy_settings(values: dict[str, Any]) -> None:
+    """Remember the Privacy page's settings for this session and in the workspace."""
+    if values != st.session_state.get("privacy_settings"):
+        st.session_state["privacy_settings"] = dict(values)
+        workspace().set_state(privacy_settings=dict(values))
+
+
 def require_dataset() -> Any:
     """Return the current dataset record, or say what is missing and stop the page."""
     ws = workspace()
@@ -72,6 +88,7 @@ PAGES = (
     ("pages/data.py", "Data", ":material/folder_open:"),
     ("pages/split.py", "Split", ":material/call_split:"),
     ("pages/mock.py", "Mock data", ":material/science:"),
+    ("pages/privacy.py", "Privacy", ":material/shield_lock:"),
     ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/compare.py", "Compare", ":material/compare:"),
     ("pages/jobs.py", "Jobs", ":material/schedule:"),

@@ -7,13 +7,14 @@ import datetime as dt
 import pandas as pd
 import streamlit as st
 
-from engine.generators.base import form_fields
+from engine.generators.base import form_fields, privacy_fields
 from engine.generators.registry import list_generators
 from pages._ui import (
     current,
     job_panel,
     jobs,
     page_setup,
+    privacy_settings,
     render_config_form,
     set_current,
     workspace,
@@ -46,6 +47,21 @@ elif split is not None:
 if needs_data and dataset is not None and not dataset.is_counts:
     st.warning(dataset.counts_message)
 
+private_fields = [f.name for f in privacy_fields(generator.config_class)]
+private_values: dict = {}
+if private_fields:
+    saved = privacy_settings()
+    private_values = {k: saved[k] for k in private_fields if k in saved}
+    if saved.get("unit") == "cell":
+        private_values["donor_key"] = ""  # protect cells even when a donor column exists
+    dp_choice = private_values.get("dp", "none")
+    budget = (f"total ε {private_values.get('epsilon_total', 4.0):g}"
+              if private_values.get("budget_mode", "total") == "total" else "ε per stage")
+    st.info(f"Privacy: DP **{dp_choice}**" + (f", {budget}, unit {saved.get('unit', 'donor')}"
+                                              if dp_choice != "none" else " (not private)")
+            + ". Set on the Privacy page.")
+    st.page_link("pages/privacy.py", label="Privacy settings", icon=":material/shield_lock:")
+
 with st.form("train"):
     values = render_config_form(form_fields(generator.config_class), key=f"cfg.{name}")
     cols = st.columns(2)
@@ -57,7 +73,7 @@ with st.form("train"):
 if launch:
     st.session_state["train_job"] = jobs().submit(
         "train",
-        {"generator": name, "config": values, "seed": int(seed),
+        {"generator": name, "config": {**values, **private_values}, "seed": int(seed),
          "dataset_id": dataset.id if dataset else None,
          "split_id": split.id if split else None, "n_cells": int(n_cells) or None},
         title=f"Train {generator.label}",

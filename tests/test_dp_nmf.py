@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator
+from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator, plan_privacy
 from tests.conftest import KANG, PBMC_SMALL
 
 pytestmark = [pytest.mark.shared_data,
@@ -123,6 +123,41 @@ def test_dp_all_with_donors(kang: ad.AnnData) -> None:
     spend = model.privacy_spend()
     assert 0.99 * 4.0 <= spend["epsilon"] <= 4.0 + 1e-9
     names = {r["name"] for r in spend["releases"]}
-    assert {"nmf gradient", "kmeans sums", "profile sums"} <= names
+    assert {"basis profiles", "kmeans sums", "profile sums"} <= names
     assert model.privacy_label.startswith("DP (ε=4, δ=") and "unit=donor" in model.privacy_label
     assert synth.X.data.min() >= 0 and "privacy" in synth.uns
+
+
+def test_plan_before_training_is_what_the_fit_spends(kang: ad.AnnData) -> None:
+    config = DPNMFConfig(n_components=6, nmf_max_iter=50, dp="all", epsilon_total=2.0,
+                         cell_type_key="cell_type")
+    plan = plan_privacy(config, n_units=kang.n_obs, n_labels=kang.obs["cell_type"].nunique())
+    model = DPNMFGenerator(config)
+    model.fit(kang)
+    spend = model.privacy_spend()
+    assert spend["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+    assert spend["delta"] == plan.delta == pytest.approx(1 / (10 * kang.n_obs))
+    assert sorted(r["name"] for r in spend["releases"]) == sorted(r["name"]
+                                                                   for r in plan.releases)
+    assert len(set(plan.multipliers.values())) == 1  # total mode: one shared multiplier
+
+
+def test_per_stage_budgets_hold_each_and_compose_below_their_sum() -> None:
+    config = DPNMFConfig(dp="all", budget_mode="per_stage", epsilon_nmf=1.0,
+                         epsilon_kmeans=0.5, epsilon_sampling=2.0)
+    plan = plan_privacy(config, n_units=2000, n_labels=8)
+    for stage, budget in (("nmf", 1.0), ("kmeans", 0.5), ("sampling", 2.0)):
+        assert plan.stage_epsilon[stage] <= budget  # each at δ ≥ its share δ / 3
+    assert max(plan.stage_epsilon.values()) < plan.epsilon <= 3.5
+    assert plan.multipliers["kmeans"] > plan.multipliers["sampling"]  # less ε, more noise
+    one = plan_privacy(DPNMFConfig(dp="kmeans", budget_mode="per_stage",
+                                   epsilon_kmeans=0.5), n_units=2000)
+    assert one.epsilon == pytest.approx(0.5, rel=1e-3)
+
+
+def test_dp_sgd_basis_is_still_available(kang: ad.AnnData) -> None:
+    model = _fit(kang, dp="nmf", nmf_dp_method="sgd", epsilon_total=3.0)
+    names = {r["name"] for r in model.privacy_spend()["releases"]}
+    assert names == {"nmf gradient"}
+    assert np.allclose(np.linalg.norm(model.h, axis=1), 1.0)
+    assert model.privacy_label.startswith("not private: only the nmf stage is noised")

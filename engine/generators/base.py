@@ -67,6 +67,7 @@ class FieldSpec:
     maximum: float | None = None
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    privacy: bool = False  # set on the Privacy page, not in the training form
 
 
 def config_fields(config_class: type) -> list[FieldSpec]:
@@ -96,6 +97,7 @@ def config_fields(config_class: type) -> list[FieldSpec]:
                 maximum=meta.get("max"),
                 step=meta.get("step"),
                 choices=tuple(meta.get("choices", ())),
+                privacy=bool(meta.get("privacy", False)),
             )
         )
     return specs
@@ -108,10 +110,16 @@ ROLE_FIELDS = {"donor_key": "donor", "cell_type_key": "cell_type", "condition_ke
 
 def form_fields(config_class: type) -> list[FieldSpec]:
     """The config fields a training form shows: all but the run-level ones (seed, number of
-    cells), which the Train page asks for once for every generator, and the column-name
-    fields, which come from the dataset's roles."""
+    cells), which the Train page asks for once for every generator, the column-name
+    fields, which come from the dataset's roles, and the privacy fields, which come from
+    the Privacy page."""
     return [f for f in config_fields(config_class)
-            if f.name not in RUN_FIELDS and f.name not in ROLE_FIELDS]
+            if f.name not in RUN_FIELDS and f.name not in ROLE_FIELDS and not f.privacy]
+
+
+def privacy_fields(config_class: type) -> list[FieldSpec]:
+    """The config fields the Privacy page sets (DP choice, budgets, δ, caps, clipping)."""
+    return [f for f in config_fields(config_class) if f.privacy]
 
 
 def fill_role_fields(config_class: type, values: dict[str, Any],

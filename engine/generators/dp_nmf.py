@@ -6,41 +6,52 @@ Method (each choice documented here, read by the Train page's help):
    used (never the first rows). Under DP each privacy unit (the ``donor_key`` column, else a
    cell) keeps at most ``max_cells_per_unit`` random cells. No privacy amplification from
    the subsample is claimed.
-2. **NMF.** Input is ``log1p`` of the counts scaled to a common library size: the median
-   training library size (not private), or, when the NMF is DP, the fixed ``target_sum``
-   (a data-independent constant). Sparse inputs stay sparse. sklearn ``MiniBatchNMF`` gives
-   W (cells × k) and H (k × genes). With ``dp`` in ("nmf", "all") H is instead learnt by
-   DP-SGD: Poisson-subsampled minibatches of units, each cell's gradient
-   ``outer(w_i, w_i H - x_i)`` (w_i from a few non-negative multiplicative updates given
-   H) clipped in Frobenius norm, Gaussian noise, projected step; W of every cell is then a
-   per-cell function of the DP H.
-3. **Clusters.** k-means on the rows of W scaled to unit L2 norm (program composition,
-   free of library size). Each cluster's cell-type label is the majority training label
-   (if ``cell_type_key`` is a column). DP k-means: random data-independent start, a fixed
-   number of Lloyd iterations each releasing noisy counts and noisy sums of the (norm-1)
-   rows.
-4. **Per-cluster summaries**, from sums over cells (so each is a clipped sum under DP):
-   cell count; per-gene sums of proportions ``q = x / L`` and ``q²`` (L2 norm ≤ 1 per cell,
-   clipped to ``profile_l2_bound``); per-gene detection counts (indicator rows clipped to
-   ``detection_l2_bound``); sums of log library size and its square (log L clipped to
-   [0, ``log_library_max``]); sums of W and W² (W rows clipped to ``w_l2_bound``). From
-   these, at the cluster's mean library size L̃: observed mean ``m = p L̃``, variance
+2. **NMF.** Input: ``log1p`` of the counts scaled to the fixed library size ``target_sum``
+   (a data-independent constant), each cell's row then scaled to L2 norm 1 (its norm before
+   is kept as the cell's profile scale). Unit rows make the factorisation free of library
+   size and give every cell the same data-independent size in the DP releases. Sparse
+   inputs stay sparse. sklearn ``MiniBatchNMF`` gives the basis H (k × genes); rows of H
+   are scaled to norm 1 and each cell's weights W are non-negative least squares given H.
+   With ``dp`` in ("nmf", "all") H comes from a DP mechanism instead: by default
+   (``nmf_dp_method="centroids"``) spherical DP k-means with k = ``n_components`` centres
+   in a seeded random projection (noisy counts and clipped sums per iteration), then one
+   Gaussian release of each centre's summed gene profiles (genes indistinguishable from
+   noise set to 0); or (``"sgd"``) DP-SGD on H: Poisson-subsampled units, per-cell clipped
+   gradients ``outer(w_i, w_i H - x_i)``, Gaussian noise, projected steps.
+3. **Clusters.** k-means on the rows of W scaled to unit L2 norm (programme composition).
+   Each cluster's cell-type label is the majority training label (if ``cell_type_key`` is a
+   column). DP k-means: random data-independent start, a fixed number of Lloyd iterations
+   each releasing noisy counts and noisy sums of the (norm-1) rows.
+4. **Per-cluster summaries.** Without DP, exact: per gene the mean of the proportions
+   ``q = x / L`` and of ``q²``, the detection rate, the mean and sd of log L, and of W. At
+   the cluster's mean library size L̃: observed mean ``m = p L̃``, variance
    ``v = Var(q) L̃²`` (library-normalised, so library variation is not counted as gene
    over-dispersion), zero fraction ``z``. ZINB by method of moments, a few fixed-point
    steps: given π, NB mean ``μ = m / (1-π)`` and ``1/r`` from the ZINB variance
    ``v = (1-π) μ (1 + μ/r + π μ)``; then π = excess zeros over the NB zero probability,
    ``(z - p0) / (1 - p0)``, clipped to [0, 0.95]. Zeros are counted once: the NB part is
    refitted for the zeros π explains. Library size: log-normal (mean, sd of log L).
+   With DP, every statistic is a clipped sum plus Gaussian noise: cluster sizes; the sums
+   of the unit-norm log profiles (each cell uses its whole L2 budget of 1, about ten times
+   the signal of proportions at the same noise), projected onto the cone of H to denoise
+   and mapped back to proportions through ``expm1`` at the released mean profile scale;
+   sums of log L and its square; of W and W². ZINB's dispersion and zero inflation are
+   pooled per gene over clusters from global noisy sums (shrunk to Poisson where a gene's
+   sum is within 3 noise sds of zero).
 5. **Sampling.** Cluster drawn ∝ (noisy) size (``proportion_aware``) or uniformly. A cell's
    w ~ N(mean_c, sd_c) per component, clipped ≥ 0; its per-gene rate is the cluster's mean
    times ``(w H)_g / (w̄_c H)_g`` (clipped to [0, 10]): the cell's expression relative to
    its cluster's average; times ``L / L̃`` for a library size L drawn from the cluster's
    log-normal. Then Poisson(rate · m) or ZINB (Gamma-Poisson with mean rate · μ and shape
    r, zeroed with probability π). Cells vary within a cluster in library and programme.
-6. **Privacy.** One :class:`~engine.privacy.accountant.Accountant` records every release;
-   one noise multiplier from ``calibrate_noise_multiplier`` spends ``epsilon_total`` across
-   all the chosen mechanisms. Only ``dp="all"`` makes the whole released model DP; with a
-   partial choice the label says which stages are covered.
+   With a DP basis the programme variation is switched off (sd 0): a noisy H would add
+   noise genes to every cell.
+6. **Privacy.** One :class:`~engine.privacy.accountant.Accountant` records every release.
+   :func:`plan_privacy` calibrates the noise before training: one noise multiplier for all
+   releases that spends ``epsilon_total`` (``budget_mode="total"``), or one per stage for
+   ``epsilon_nmf`` / ``epsilon_kmeans`` / ``epsilon_sampling`` (``"per_stage"``). Only
+   ``dp="all"`` makes the whole released model DP; with a partial choice the run is
+   labelled not private and says which stage was noised.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ from engine.privacy.accountant import Accountant, calibrate_noise_multiplier, de
 from engine.privacy.mechanisms import GaussianRelease, cap_cells_per_unit, clip_rows_l2
 
 DP_CHOICES = ("none", "sampling", "kmeans", "nmf", "all")
+BUDGET_MODES = ("total", "per_stage")
+STAGES = ("nmf", "kmeans", "sampling")
 _STAGE_SEEDS = {"subsample": 1, "nmf": 2, "kmeans": 3, "sampling": 4, "cap": 5}
 
 
@@ -93,48 +106,67 @@ class DPNMFConfig:
         "label": "Keep cluster proportions",
         "help": "Draw clusters by their (noisy) sizes; otherwise uniformly."})
     dp: str = field(default="none", metadata={
-        "label": "Differential privacy", "choices": DP_CHOICES,
+        "label": "Differential privacy", "choices": DP_CHOICES, "privacy": True,
         "help": "Which stages are DP: none, the sampling statistics, k-means, the NMF, or "
         "all (only 'all' makes the whole model DP)."})
+    budget_mode: str = field(default="total", metadata={
+        "label": "Budget", "choices": BUDGET_MODES, "privacy": True,
+        "help": "total: one ε split across the chosen stages by one accountant; per_stage: "
+        "each stage gets its own ε (the seed's eps_nmf / eps_kmeans / eps_summaries)."})
     epsilon_total: float = field(default=4.0, metadata={
-        "label": "Total ε", "min": 0.01, "max": 100.0,
-        "help": "Privacy budget split across every DP release."})
+        "label": "Total ε", "min": 0.01, "max": 100.0, "privacy": True,
+        "help": "Privacy budget split across every DP release (budget 'total')."})
+    epsilon_nmf: float = field(default=1.0, metadata={
+        "label": "ε of the NMF", "min": 0.01, "max": 100.0, "privacy": True,
+        "help": "Budget of the DP-SGD basis (budget 'per_stage'; the seed's eps_nmf)."})
+    epsilon_kmeans: float = field(default=1.0, metadata={
+        "label": "ε of k-means", "min": 0.01, "max": 100.0, "privacy": True,
+        "help": "Budget of the DP Lloyd iterations (the seed's eps_kmeans)."})
+    epsilon_sampling: float = field(default=2.0, metadata={
+        "label": "ε of the sampling statistics", "min": 0.01, "max": 100.0, "privacy": True,
+        "help": "Budget of the per-cluster statistics (the seed's eps_summaries)."})
     delta: float = field(default=0.0, metadata={
-        "label": "δ", "min": 0.0, "max": 0.1,
+        "label": "δ", "min": 0.0, "max": 0.1, "privacy": True,
         "help": "0: 1 / (10 × number of privacy units)."})
     donor_key: str = field(default="", metadata={
         "label": "Donor column (privacy unit)",
         "help": "Protect whole donors; empty protects single cells."})
     max_cells_per_unit: int = field(default=50, metadata={
-        "label": "Max cells per donor", "min": 1, "max": 100000,
+        "label": "Max cells per donor", "min": 1, "max": 100000, "privacy": True,
         "help": "Cap on cells one donor contributes under DP."})
     kmeans_iterations: int = field(default=5, metadata={
-        "label": "DP k-means iterations", "min": 1, "max": 50,
+        "label": "DP k-means iterations", "min": 1, "max": 50, "privacy": True,
         "help": "Fixed number of noisy Lloyd iterations."})
-    nmf_dp_steps: int = field(default=60, metadata={
-        "label": "DP-NMF steps", "min": 1, "max": 5000,
+    nmf_dp_method: str = field(default="centroids", metadata={
+        "label": "DP basis", "choices": ("centroids", "sgd"), "privacy": True,
+        "help": "centroids: DP spherical k-means in a random projection, then one noisy "
+        "release of the centroids' gene profiles as H; sgd: DP-SGD on H."})
+    nmf_dp_steps: int = field(default=20, metadata={
+        "label": "DP-NMF steps", "min": 1, "max": 5000, "privacy": True,
         "help": "Noisy gradient steps on H."})
-    nmf_dp_learning_rate: float = field(default=0.5, metadata={
-        "label": "DP-NMF learning rate", "min": 1e-4, "max": 100.0,
+    nmf_dp_learning_rate: float = field(default=1.0, metadata={
+        "label": "DP-NMF learning rate", "min": 1e-4, "max": 100.0, "privacy": True,
         "help": "Step size on H for the averaged noisy gradient."})
-    gradient_clip: float = field(default=5.0, metadata={
-        "label": "DP-NMF gradient clip", "min": 1e-3, "max": 1e4,
-        "help": "Frobenius bound on one unit's gradient of H."})
+    gradient_clip: float = field(default=1.0, metadata={
+        "label": "DP-NMF gradient clip", "min": 1e-3, "max": 1e4, "privacy": True,
+        "help": "Frobenius bound on one unit's gradient of H (input rows have norm 1)."})
     target_sum: float = field(default=1e4, metadata={
-        "label": "Library size for DP-NMF input", "min": 1.0, "max": 1e7,
-        "help": "Fixed normalisation target when the NMF is DP (else the median)."})
-    profile_l2_bound: float = field(default=1.0, metadata={
-        "label": "Profile clip (L2)", "min": 1e-4, "max": 1.0,
-        "help": "Bound on a cell's proportion vector (≤ 1 always holds)."})
+        "label": "Library size for the NMF input", "min": 1.0, "max": 1e7,
+        "privacy": True,
+        "help": "Fixed (data-independent) normalisation target of the NMF input."})
+    profile_l2_bound: float = field(default=0.25, metadata={
+        "label": "Proportion clip (L2)", "min": 1e-4, "max": 1.0, "privacy": True,
+        "help": "Bound on a cell's proportion vector x / library for the ZINB shape "
+        "statistics under DP (≤ 1 always holds)."})
     detection_l2_bound: float = field(default=40.0, metadata={
-        "label": "Detection clip (L2)", "min": 1.0, "max": 1000.0,
+        "label": "Detection clip (L2)", "min": 1.0, "max": 1000.0, "privacy": True,
         "help": "Bound on a cell's detected-gene indicator vector."})
     log_library_max: float = field(default=12.0, metadata={
-        "label": "Max log library size", "min": 1.0, "max": 20.0,
+        "label": "Max log library size", "min": 1.0, "max": 20.0, "privacy": True,
         "help": "log library sizes are clipped to [0, this]."})
-    w_l2_bound: float = field(default=10.0, metadata={
-        "label": "W row clip (L2)", "min": 1e-3, "max": 1e4,
-        "help": "Bound on a cell's programme weights for the DP W summaries."})
+    w_l2_bound: float = field(default=1.5, metadata={
+        "label": "W row clip (L2)", "min": 1e-3, "max": 1e4, "privacy": True,
+        "help": "Bound on a cell's programme weights (input rows have norm 1, so ≈ 1)."})
     cell_type_key: str = field(default="cell_type", metadata={
         "label": "Cell-type column", "help": "Labels carried to the synthetic cells."})
     seed: int = field(default=0, metadata={"label": "Seed", "min": 0})
@@ -148,14 +180,6 @@ def _rng(seed: int, stage: str) -> np.random.Generator:
 def _as_csr(matrix: Any) -> sp.csr_matrix:
     """Return ``matrix`` as a float64 CSR matrix (sparse input stays sparse)."""
     return sp.csr_matrix(matrix, dtype=np.float64)
-
-
-def _log_normalise(counts: sp.csr_matrix, target: float) -> sp.csr_matrix:
-    """log1p of counts scaled so every cell's library size is ``target``."""
-    lib = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.csr_matrix(sp.diags(target / np.maximum(lib, 1.0)) @ counts)
-    scaled.data = np.log1p(scaled.data)
-    return scaled
 
 
 def _nnls_rows(x: sp.csr_matrix, h: np.ndarray, *, iterations: int = 30) -> np.ndarray:
@@ -193,6 +217,138 @@ def _zinb_moments(
         pi = np.clip((z - p0) / np.maximum(1.0 - p0, 1e-12), 0.0, 0.95)
     mu = m / (1.0 - pi)
     return mu, r, pi
+
+
+def _nearest(rows: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre of each row (squared distances, no n × k × d array)."""
+    distances = (rows**2).sum(axis=1)[:, None] - 2.0 * rows @ centers.T \
+        + (centers**2).sum(axis=1)[None]
+    return np.argmin(distances, axis=1)
+
+
+def _one_hot(labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """Rows of indicators: which of ``names`` each label is."""
+    return (labels[:, None] == np.asarray(names)[None]).astype(np.float64)
+
+
+def _unit_log_profiles(counts: sp.csr_matrix, target: float) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Return log1p(counts scaled to library size ``target``) with every row scaled to L2
+    norm 1, and each row's norm before that scaling. Unit rows make the NMF scale-free and
+    give each cell the same, data-independent, L2 size for the DP releases."""
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    logged = sp.csr_matrix(sp.diags(target / np.maximum(lib, 1.0)) @ counts)
+    logged.data = np.log1p(logged.data)
+    norms = np.sqrt(np.asarray(logged.multiply(logged).sum(axis=1)).ravel())
+    return sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, 1e-12)) @ logged), norms
+
+
+def _max_profile_scale(target: float, n_genes: int) -> float:
+    """The largest norm ``||log1p(target · x / sum(x))||`` any cell can have: spread over k
+    genes equally it is ``sqrt(k) log1p(target / k)`` (concavity makes equal shares the
+    worst case), maximised over k. Data-independent, so it can bound a DP release."""
+    k = np.arange(1, n_genes + 1, dtype=np.float64)
+    return float(np.max(np.sqrt(k) * np.log1p(target / k)))
+
+
+@dataclass
+class _ClusterData:
+    """What the summary step needs of the fitted cells."""
+
+    counts: sp.csr_matrix
+    x: sp.csr_matrix  # unit-norm log profiles (the NMF input)
+    scale: np.ndarray  # each cell's log-profile norm before scaling
+    w: np.ndarray
+    clusters: np.ndarray
+    n_clusters: int
+    cap: int
+    labels: np.ndarray | None
+    label_names: list[str]
+    target: float
+
+
+def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
+                   n_labels: int) -> list[tuple[str, str, int, float | None]]:
+    """The releases (name, mechanism, count, sampling rate) one DP stage makes."""
+    if stage == "nmf" and config.nmf_dp_method == "centroids":
+        return [("basis counts", "gaussian", config.kmeans_iterations, None),
+                ("basis sums", "gaussian", config.kmeans_iterations, None),
+                ("basis profiles", "gaussian", 1, None)]
+    if stage == "nmf":
+        rate = min(1.0, config.nmf_batch_size / max(n_units, 1))
+        return [("nmf gradient", "gaussian", config.nmf_dp_steps, rate)]
+    if stage == "kmeans":
+        return [("kmeans counts", "gaussian", config.kmeans_iterations, None),
+                ("kmeans sums", "gaussian", config.kmeans_iterations, None)]
+    names = ["cluster sizes", "profile sums", "log library sums", "log library square sums",
+             "W sums", "W square sums", "profile scale"]
+    if n_labels:
+        names.append("label counts")
+    if config.sampling_method == "zinb":
+        names += ["proportion sums", "proportion square sums", "detections"]
+    return [(name, "gaussian", 1, None) for name in names]
+
+
+@dataclass
+class PrivacyPlan:
+    """What a DP-NMF config spends, known before training: the noise multiplier of each
+    stage and the accountant's total (ε, δ)."""
+
+    stages: tuple[str, ...]
+    delta: float
+    multipliers: dict[str, float]
+    stage_epsilon: dict[str, float]
+    epsilon: float
+    n_units: int
+    releases: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored with sweeps, shown on the Privacy page)."""
+        return dict(self.__dict__, stages=list(self.stages))
+
+
+def plan_privacy(config: DPNMFConfig, *, n_units: int, n_labels: int = 0,
+                 method: str = "pld") -> PrivacyPlan:
+    """Calibrate the noise of every DP stage of ``config`` for ``n_units`` privacy units.
+
+    ``budget_mode="total"``: one noise multiplier shared by every release, found so that
+    the accountant's total is ``epsilon_total``. ``"per_stage"``: each stage is calibrated
+    to its own ε (``epsilon_nmf`` / ``epsilon_kmeans`` / ``epsilon_sampling``) at δ / (number
+    of stages); the accountant then composes all releases, so the total is at most the sum
+    of the stage budgets (usually less). Writes nothing."""
+    if config.budget_mode not in BUDGET_MODES:
+        raise UserFacingError(f"The budget mode must be one of {', '.join(BUDGET_MODES)}.")
+    dp = config.dp
+    stages = tuple(STAGES) if dp == "all" else () if dp == "none" else (dp,)
+    delta = config.delta or default_delta(n_units)
+    per_stage = {s: stage_releases(config, s, n_units=n_units, n_labels=n_labels)
+                 for s in stages}
+    multipliers: dict[str, float] = {}
+    try:
+        if stages and config.budget_mode == "total":
+            shared = calibrate_noise_multiplier(
+                epsilon=config.epsilon_total, delta=delta,
+                releases=[r for s in stages for r in per_stage[s]], method=method)
+            multipliers = dict.fromkeys(stages, shared)
+        for stage in stages if config.budget_mode == "per_stage" else ():
+            budget = float(getattr(config, f"epsilon_{stage}"))
+            multipliers[stage] = calibrate_noise_multiplier(
+                epsilon=budget, delta=delta / len(stages), releases=per_stage[stage],
+                method=method)
+    except ValueError as exc:
+        raise UserFacingError("This ε is too small for these settings: raise it or use "
+                              "fewer DP steps.") from exc
+    total = Accountant(method=method)
+    stage_epsilon: dict[str, float] = {}
+    for stage in stages:
+        alone = Accountant(method=method)
+        for name, _, count, rate in per_stage[stage]:
+            for acc in (total, alone):
+                acc.gaussian(name, noise_multiplier=multipliers[stage], count=count,
+                             sampling_rate=rate)
+        stage_epsilon[stage] = alone.epsilon(delta)
+    return PrivacyPlan(stages=stages, delta=delta, multipliers=multipliers,
+                       stage_epsilon=stage_epsilon, epsilon=total.epsilon(delta),
+                       n_units=n_units, releases=[r.__dict__ for r in total.releases])
 
 
 @register
@@ -233,7 +389,8 @@ class DPNMFGenerator(Generator):
         eps = self.accountant.epsilon(self.delta_used)
         text = f"DP (ε={eps:.2g}, δ={self.delta_used:.1g}, unit={self.unit_name})"
         if self.config.dp != "all":
-            text += f"; partial: only {self.config.dp} is private"
+            text = (f"not private: only the {self.config.dp} stage is noised "
+                    f"(partial {text})")
         return text
 
     def privacy_spend(self) -> dict[str, Any]:
@@ -244,21 +401,8 @@ class DPNMFGenerator(Generator):
     def _planned_releases(
         self, n_units: int, n_labels: int
     ) -> list[tuple[str, str, int, float | None]]:
-        cfg, stages = self.config, self._stages()
-        releases: list[tuple[str, str, int, float | None]] = []
-        if "nmf" in stages:
-            rate = min(1.0, cfg.nmf_batch_size / max(n_units, 1))
-            releases.append(("nmf gradient", "gaussian", cfg.nmf_dp_steps, rate))
-        if "kmeans" in stages:
-            releases.append(("kmeans counts", "gaussian", cfg.kmeans_iterations, None))
-            releases.append(("kmeans sums", "gaussian", cfg.kmeans_iterations, None))
-        if "sampling" in stages:
-            names = ["cluster sizes", "profile sums", "profile square sums", "detections",
-                     "log library sums", "log library square sums", "W sums", "W square sums"]
-            if n_labels:
-                names.append("label counts")
-            releases.extend((name, "gaussian", 1, None) for name in names)
-        return releases
+        return [r for stage in STAGES if stage in self._stages()
+                for r in stage_releases(self.config, stage, n_units=n_units, n_labels=n_labels)]
 
     # ----------------------------------------------------------------- fit
     def fit(self, train: ad.AnnData | None, *, progress: Progress = no_progress) -> None:
@@ -297,41 +441,46 @@ class DPNMFGenerator(Generator):
         n_units = len(np.unique(units))
 
         self.accountant = Accountant()
-        multiplier = 0.0
+        multipliers: dict[str, float] = {}
         if stages:
-            self.delta_used = cfg.delta or default_delta(n_units)
             progress(0.02, "calibrating the noise to the budget")
-            multiplier = calibrate_noise_multiplier(
-                epsilon=cfg.epsilon_total, delta=self.delta_used,
-                releases=self._planned_releases(n_units, len(label_names)))
+            plan = plan_privacy(cfg, n_units=n_units, n_labels=len(label_names))
+            self.delta_used, multipliers = plan.delta, plan.multipliers
 
-        # 1. NMF
+        # 1. NMF on unit-norm rows of log1p(library-normalised counts)
         progress(0.05, "factorising (NMF)")
-        if "nmf" in stages:
-            x_in = _log_normalise(counts, cfg.target_sum)
-            h = self._dp_nmf(x_in, units, cap, multiplier)
-            w = _nnls_rows(x_in, h)
+        x_in, scale = _unit_log_profiles(counts, cfg.target_sum)
+        if "nmf" in stages and cfg.nmf_dp_method == "centroids":
+            h = self._dp_centroid_basis(x_in, cap, multipliers["nmf"])
+        elif "nmf" in stages:
+            h = self._dp_nmf(x_in, units, cap, multipliers["nmf"])
         else:
-            lib = np.asarray(counts.sum(axis=1)).ravel()
-            x_in = _log_normalise(counts, float(np.median(lib)))
             nmf = MiniBatchNMF(n_components=min(cfg.n_components, min(x_in.shape)),
                                batch_size=cfg.nmf_batch_size, init="nndsvda",
                                random_state=cfg.seed, max_iter=cfg.nmf_max_iter)
-            w = nmf.fit_transform(x_in)
+            nmf.fit(x_in)
             h = nmf.components_
+        h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+        w = _nnls_rows(x_in, h)
         # 2. clusters
         progress(0.5, "clustering the programme weights")
         direction = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
         if "kmeans" in stages:
-            clusters = self._dp_kmeans(direction, units, cap, n_clusters, multiplier)
+            clusters = self._dp_kmeans(direction, units, cap, n_clusters, multipliers["kmeans"])
         else:
             km = KMeans(n_clusters=n_clusters, n_init=4, random_state=cfg.seed)
             clusters = km.fit_predict(direction)
         self.train_clusters = clusters
         # 3. summaries
         progress(0.7, "summarising the clusters")
-        self._summaries(counts, w, clusters, n_clusters, units, cap, labels, label_names,
-                        multiplier if "sampling" in stages else 0.0)
+        context = _ClusterData(counts, x_in, scale, w, clusters, n_clusters, cap, labels,
+                               label_names, cfg.target_sum)
+        if "sampling" in stages:
+            self._private_summaries(context, h, multipliers["sampling"])
+        else:
+            self._summaries(context)
+        if "nmf" in stages:  # a noisy basis would add noise genes to each cell's profile
+            self.params["w_sd"] = np.zeros_like(self.params["w_sd"])
         self.h = h
         self.gene_names = np.asarray(train.var_names).astype(str)
         progress(1.0, f"fitted {n_clusters} clusters on {counts.shape[0]} cells")
@@ -348,11 +497,15 @@ class DPNMFGenerator(Generator):
 
     def _dp_nmf(self, x: sp.csr_matrix, units: np.ndarray, cap: int,
                 multiplier: float) -> np.ndarray:
-        """DP-SGD on H: Poisson-sampled units, per-cell clipped gradients, Gaussian noise."""
+        """DP-SGD on H: Poisson-sampled units, per-cell clipped gradients, Gaussian noise.
+
+        Input rows have unit norm, so a cell's gradient ``outer(w, wH - x)`` is about 1;
+        the rows of H are kept at unit norm after each projected step (post-processing)."""
         cfg = self.config
         rng = _rng(cfg.seed, "nmf")
         k = min(cfg.n_components, min(x.shape))
-        h = np.abs(rng.normal(0.0, 0.1, size=(k, x.shape[1])))
+        h = np.abs(rng.normal(0.0, 1.0, size=(k, x.shape[1])))
+        h /= np.linalg.norm(h, axis=1, keepdims=True)
         unit_ids, codes = np.unique(units, return_inverse=True)
         rate = min(1.0, cfg.nmf_batch_size / len(unit_ids))
         per_cell_clip = cfg.gradient_clip / cap  # a unit's summed gradient stays ≤ the clip
@@ -372,7 +525,38 @@ class DPNMFGenerator(Generator):
                                   count=cfg.nmf_dp_steps, sampling_rate=rate,
                                   record=step == 0)
             h = np.maximum(h - cfg.nmf_dp_learning_rate * noisy / expected, 0.0)
+            h /= np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
         return h
+
+    def _dp_centroid_basis(self, x: sp.csr_matrix, cap: int, multiplier: float) -> np.ndarray:
+        """A DP basis H: spherical DP Lloyd iterations with ``n_components`` centres in a
+        data-independent random projection (32 dimensions; noisy counts and clipped sums),
+        then one release of each centre's summed unit-norm gene profiles (sensitivity 1 per
+        cell). Genes whose pooled sum is within 3 noise sds of zero get 0 in every row."""
+        cfg = self.config
+        rng = _rng(cfg.seed, "nmf")
+        k = min(cfg.n_components, min(x.shape))
+        projection = rng.normal(size=(x.shape[1], 32)) / np.sqrt(32.0)
+        y = np.asarray(clip_rows_l2(np.asarray(x @ projection), 1.0))
+        centers = rng.normal(size=(k, 32))
+        centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+        for it in range(cfg.kmeans_iterations):
+            assign = _nearest(y, centers)
+            sizes = self._release("basis counts", np.bincount(assign, minlength=k),
+                                  float(cap), multiplier, rng, count=cfg.kmeans_iterations,
+                                  record=it == 0)
+            sums = self._release("basis sums", _cluster_sums(y, assign, k), float(cap),
+                                 multiplier, rng, count=cfg.kmeans_iterations, record=it == 0)
+            ok = sizes >= 1.0
+            centers[ok] = sums[ok] / np.maximum(np.linalg.norm(sums[ok], axis=1,
+                                                               keepdims=True), 1e-12)
+        assign = _nearest(y, centers)
+        profiles = self._release("basis profiles", _cluster_sums(x, assign, k), float(cap),
+                                 multiplier, rng)
+        sigma = multiplier * cap
+        expressed = profiles.sum(axis=0) > 3.0 * sigma * np.sqrt(k)
+        h = np.maximum(profiles, 0.0) * expressed[None]
+        return h + 1e-12 * expressed[None]  # no all-zero row
 
     def _dp_kmeans(self, rows: np.ndarray, units: np.ndarray, cap: int, n_clusters: int,
                    multiplier: float) -> np.ndarray:
@@ -383,7 +567,7 @@ class DPNMFGenerator(Generator):
         centers = np.abs(rng.normal(size=(n_clusters, rows.shape[1])))
         centers /= np.linalg.norm(centers, axis=1, keepdims=True)
         for it in range(cfg.kmeans_iterations):
-            assign = np.argmin(((rows[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+            assign = _nearest(rows, centers)
             sizes = self._release("kmeans counts", np.bincount(assign, minlength=n_clusters),
                                   float(cap), multiplier, rng, count=cfg.kmeans_iterations,
                                   record=it == 0)
@@ -392,49 +576,91 @@ class DPNMFGenerator(Generator):
                                  record=it == 0)
             ok = sizes >= 1.0
             centers[ok] = np.maximum(sums[ok] / sizes[ok, None], 0.0)
-        return np.argmin(((rows[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+        return _nearest(rows, centers)
 
-    def _summaries(self, counts: sp.csr_matrix, w: np.ndarray, clusters: np.ndarray,
-                   n_clusters: int, units: np.ndarray, cap: int, labels: np.ndarray | None,
-                   label_names: list[str], multiplier: float) -> None:
-        """Per-cluster sums (clipped and noisy under DP) → count-model parameters."""
+    def _summaries(self, data: _ClusterData) -> None:
+        """Exact per-cluster, per-gene statistics → count-model parameters (no DP)."""
         cfg = self.config
-        rng = _rng(cfg.seed, "sampling")
-        private = multiplier > 0
+        counts, clusters, n_clusters = data.counts, data.clusters, data.n_clusters
         lib = np.asarray(counts.sum(axis=1)).ravel()
         q = sp.csr_matrix(sp.diags(1.0 / np.maximum(lib, 1.0)) @ counts)
-        q2 = q.multiply(q).tocsr()
-        det = (counts > 0).astype(np.float64).tocsr()
+        loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)
+        n = np.maximum(np.bincount(clusters, minlength=n_clusters).astype(float), 1.0)
+        p = _cluster_sums(q, clusters, n_clusters) / n[:, None]
+        p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+        eq2 = np.maximum(_cluster_sums(q.multiply(q).tocsr(), clusters, n_clusters)
+                         / n[:, None], p**2)
+        detected = np.clip(_cluster_sums((counts > 0).astype(np.float64).tocsr(), clusters,
+                                         n_clusters) / n[:, None], 0.0, 1.0)
+        lmean = _cluster_sums(loglib[:, None], clusters, n_clusters)[:, 0] / n
+        lvar = _cluster_sums(loglib[:, None] ** 2, clusters, n_clusters)[:, 0] / n - lmean**2
+        wmean = _cluster_sums(data.w, clusters, n_clusters) / n[:, None]
+        wsd = np.sqrt(np.maximum(_cluster_sums(data.w**2, clusters, n_clusters) / n[:, None]
+                                 - wmean**2, 0.0))
+        lsd = np.sqrt(np.clip(lvar, 0.05**2, 4.0))
+        lib_ref = np.exp(lmean + lsd**2 / 2)
+        m = p * lib_ref[:, None]
+        v = (eq2 - p**2) * lib_ref[:, None] ** 2
+        mu, r, pi = _zinb_moments(m, v, 1.0 - detected)
+        label_counts = None
+        if data.label_names and data.labels is not None:
+            label_counts = _cluster_sums(_one_hot(data.labels, data.label_names), clusters,
+                                         n_clusters)
+        self._set_params(m=m, mu=mu, r=r, pi=pi, lmean=lmean, lsd=lsd, wmean=wmean, wsd=wsd,
+                         weights=n * (np.bincount(clusters, minlength=n_clusters) > 0),
+                         label_counts=label_counts, label_names=data.label_names)
+
+    def _private_summaries(self, data: _ClusterData, h: np.ndarray, multiplier: float) -> None:
+        """Per-cluster statistics from clipped, noised sums → count-model parameters.
+
+        The gene-level release per cluster is the sum of the cells' unit-norm log profiles
+        (the NMF input): every cell uses its whole L2 budget of 1, unlike proportions
+        ``x / library`` (norm ≈ 0.1), so the same noise carries ~10× more signal. The mean
+        profile is mapped back to proportions through ``expm1`` at the released average
+        profile scale. ZINB's dispersion and zero inflation are pooled over clusters per gene
+        from three global releases (proportions, their squares, detections), and shrunk to
+        Poisson where a gene's released sum is within 3 noise sds of zero."""
+        cfg = self.config
+        rng = _rng(cfg.seed, "sampling")
+        counts, clusters, n_clusters, cap = data.counts, data.clusters, data.n_clusters, data.cap
+        lib = np.asarray(counts.sum(axis=1)).ravel()
         loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)[:, None]
-        w_rows = np.asarray(clip_rows_l2(w, cfg.w_l2_bound)) if private else w
-        if private:
-            q = clip_rows_l2(q, cfg.profile_l2_bound)
-            q2 = clip_rows_l2(q2, cfg.profile_l2_bound)
-            det = clip_rows_l2(det, cfg.detection_l2_bound)
+        w_rows = np.asarray(clip_rows_l2(data.w, cfg.w_l2_bound))
+        scale_max = _max_profile_scale(data.target, counts.shape[1])
         blocks: list[tuple[str, Any, float]] = [
             ("cluster sizes", np.ones((len(clusters), 1)), 1.0),
-            ("profile sums", q, cfg.profile_l2_bound),
-            ("profile square sums", q2, cfg.profile_l2_bound),
-            ("detections", det, cfg.detection_l2_bound),
+            ("profile sums", data.x, 1.0),
             ("log library sums", loglib, cfg.log_library_max),
             ("log library square sums", loglib**2, cfg.log_library_max**2),
             ("W sums", w_rows, cfg.w_l2_bound),
             ("W square sums", w_rows**2, cfg.w_l2_bound**2),
         ]
-        if label_names and labels is not None:
-            onehot = (labels[:, None] == np.asarray(label_names)[None]).astype(np.float64)
-            blocks.append(("label counts", onehot, 1.0))
+        if data.label_names and data.labels is not None:
+            blocks.append(("label counts", _one_hot(data.labels, data.label_names), 1.0))
         sums: dict[str, np.ndarray] = {}
-        for name, rows, bound in blocks:
-            value = _cluster_sums(rows, clusters, n_clusters)
-            if private:  # one unit moves the stacked sums by ≤ cap × the per-cell bound
-                value = self._release(name, value, cap * bound, multiplier, rng)
-            sums[name] = value
+        for name, rows, bound in blocks:  # one unit moves a stacked sum by ≤ cap × bound
+            sums[name] = self._release(name, _cluster_sums(rows, clusters, n_clusters),
+                                       cap * bound, multiplier, rng)
+        everyone = np.zeros(len(clusters), dtype=int)
+        scale = np.clip(data.scale, 0.0, scale_max)[:, None]
+        total_scale = self._release("profile scale", _cluster_sums(scale, everyone, 1),
+                                    cap * scale_max, multiplier, rng)[0, 0]
         n = np.maximum(sums["cluster sizes"][:, 0], 1.0)
-        p = np.maximum(sums["profile sums"] / n[:, None], 0.0)
+        n_total = max(float(sums["cluster sizes"].sum()), 1.0)
+        mean_scale = float(np.clip(total_scale / n_total, 1.0, scale_max))
+        # The noisy mean profiles are projected onto the cone of the programmes (H):
+        # G noisy numbers per cluster become k, which removes most of the noise. Genes
+        # outside every programme keep their noisy mean where the pooled sum shows they are
+        # expressed (more than 3 noise sds above zero), else 0.
+        raw = np.maximum(sums["profile sums"], 0.0) / n[:, None]
+        log_profile = _nnls_rows(sp.csr_matrix(raw), h, iterations=200) @ h
+        sigma = multiplier * cap
+        expressed = sums["profile sums"].sum(axis=0) > 3.0 * sigma * np.sqrt(n_clusters)
+        outside = h.sum(axis=0) <= 1e-9
+        log_profile[:, outside] = (raw * expressed[None])[:, outside]
+        log_profile /= np.maximum(np.linalg.norm(log_profile, axis=1, keepdims=True), 1e-12)
+        p = np.expm1(mean_scale * log_profile)
         p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
-        eq2 = np.maximum(sums["profile square sums"] / n[:, None], p**2)
-        detected = np.clip(sums["detections"] / n[:, None], 0.0, 1.0)
         lmean = np.clip(sums["log library sums"][:, 0] / n, 0.0, cfg.log_library_max)
         lvar = sums["log library square sums"][:, 0] / n - lmean**2
         lsd = np.sqrt(np.clip(lvar, 0.05**2, 4.0))
@@ -442,18 +668,64 @@ class DPNMFGenerator(Generator):
         wmean = np.maximum(sums["W sums"] / n[:, None], 0.0)
         wsd = np.sqrt(np.maximum(sums["W square sums"] / n[:, None] - wmean**2, 0.0))
         m = p * lib_ref[:, None]
-        v = (eq2 - p**2) * lib_ref[:, None] ** 2
-        mu, r, pi = _zinb_moments(m, v, 1.0 - detected)
         weights = np.maximum(sums["cluster sizes"][:, 0], 0.0)
+        mu, r, pi = m, np.full_like(m, 1e4), np.zeros_like(m)
+        if cfg.sampling_method == "zinb":
+            r_gene, pi_gene = self._private_gene_shapes(data, p, weights, lib_ref, rng,
+                                                         multiplier)
+            pi = np.broadcast_to(pi_gene, m.shape).copy()
+            r = np.broadcast_to(r_gene, m.shape).copy()
+            mu = m / (1.0 - pi)
+        self._set_params(m=m, mu=mu, r=r, pi=pi, lmean=lmean, lsd=lsd, wmean=wmean, wsd=wsd,
+                         weights=weights, label_counts=sums.get("label counts"),
+                         label_names=data.label_names)
+
+    def _private_gene_shapes(self, data: _ClusterData, p: np.ndarray, weights: np.ndarray,
+                             lib_ref: np.ndarray, rng: np.random.Generator,
+                             multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per-gene NB shape and zero inflation pooled over clusters, from global DP sums."""
+        cfg = self.config
+        counts, cap = data.counts, data.cap
+        lib = np.asarray(counts.sum(axis=1)).ravel()
+        q = clip_rows_l2(sp.csr_matrix(sp.diags(1.0 / np.maximum(lib, 1.0)) @ counts),
+                         cfg.profile_l2_bound)
+        det = clip_rows_l2((counts > 0).astype(np.float64).tocsr(), cfg.detection_l2_bound)
+        everyone = np.zeros(counts.shape[0], dtype=int)
+        sigma = multiplier * cap * cfg.profile_l2_bound
+        q_sum = self._release("proportion sums", _cluster_sums(q, everyone, 1),
+                              cap * cfg.profile_l2_bound, multiplier, rng)[0]
+        q2_sum = self._release("proportion square sums",
+                               _cluster_sums(q.multiply(q).tocsr(), everyone, 1),
+                               cap * cfg.profile_l2_bound**2, multiplier, rng)[0]
+        det_sum = self._release("detections", _cluster_sums(det, everyone, 1),
+                                cap * cfg.detection_l2_bound, multiplier, rng)[0]
+        share = weights / max(weights.sum(), 1e-12)
+        n_total = max(float(weights.sum()), 1.0)
+        lib_avg = float(share @ lib_ref)
+        pooled_p = np.maximum(q_sum / n_total, 0.0)
+        between = share @ (p - share @ p) ** 2
+        within = np.maximum(q2_sum / n_total - pooled_p**2 - between, 0.0)
+        m = pooled_p * lib_avg
+        v = within * lib_avg**2
+        _, r, pi = _zinb_moments(m, np.maximum(v, m), 1.0 - np.clip(det_sum / n_total, 0, 1))
+        reliable = q_sum > 3.0 * sigma
+        return np.where(reliable, r, 1e4), np.where(reliable, pi, 0.0)
+
+    def _set_params(self, *, m: np.ndarray, mu: np.ndarray, r: np.ndarray, pi: np.ndarray,
+                    lmean: np.ndarray, lsd: np.ndarray, wmean: np.ndarray, wsd: np.ndarray,
+                    weights: np.ndarray, label_counts: np.ndarray | None,
+                    label_names: list[str]) -> None:
+        """Store the count-model parameters and the clusters' labels and weights."""
         if weights.sum() <= 0:
-            weights = np.ones(n_clusters)
+            weights = np.ones(len(weights))
+        lib_ref = np.exp(lmean + lsd**2 / 2)
         self.params = {"mean": m, "mu": mu, "r": r, "pi": pi, "log_lib_mean": lmean,
                        "log_lib_sd": lsd, "lib_ref": lib_ref, "w_mean": wmean, "w_sd": wsd,
                        "weights": weights}
-        if label_names:
-            self.cluster_labels = [label_names[i] for i in sums["label counts"].argmax(axis=1)]
+        if label_names and label_counts is not None:
+            self.cluster_labels = [label_names[i] for i in label_counts.argmax(axis=1)]
         else:
-            self.cluster_labels = [f"cluster {c}" for c in range(n_clusters)]
+            self.cluster_labels = [f"cluster {c}" for c in range(len(weights))]
         self.n_train_cells = max(1, round(float(weights.sum())))
 
     # ----------------------------------------------------------------- sample
@@ -475,13 +747,14 @@ class DPNMFGenerator(Generator):
         probs = prm["weights"] / prm["weights"].sum() if self.config.proportion_aware \
             else np.full(k, 1.0 / k)
         clusters = rng.choice(k, size=n, p=probs)
-        base = np.maximum(prm["w_mean"] @ self.h, 1e-8)
+        base = prm["w_mean"] @ self.h
         zinb = self.config.sampling_method == "zinb"
         parts = []
         for start in range(0, n, 512):
             c = clusters[start:start + 512]
             wc = np.maximum(rng.normal(prm["w_mean"][c], prm["w_sd"][c]), 0.0)
-            ratio = np.clip((wc @ self.h) / base[c], 0.0, 10.0)
+            # genes outside every programme (base ≈ 0) keep their cluster mean
+            ratio = np.clip((wc @ self.h + 1e-6) / (base[c] + 1e-6), 0.0, 10.0)
             lib = np.exp(rng.normal(prm["log_lib_mean"][c], prm["log_lib_sd"][c]))
             scale = ratio * (lib / prm["lib_ref"][c])[:, None]
             if zinb:

@@ -10,9 +10,10 @@ Keys read (the seed's names):
 
 What the DP keys mean here: the seed added noise whose scale it computed from the private
 data, which is not differential privacy. Here ``eps_nmf``, ``eps_kmeans`` and
-``eps_summaries`` are the budgets of the chosen stages; their sum is the run's total ε,
-which one accountant splits across every release of those stages (its total never exceeds
-that sum). ``nmf_noise_scale`` and ``laplace_scale`` set data-dependent noise in the seed and
+``eps_summaries`` are the budgets of the chosen stages (DP-NMF's ``budget_mode="per_stage"``:
+each stage's noise is calibrated to its own ε at δ / number of stages); one accountant
+composes every release into the run's total ε, which never exceeds their sum.
+``nmf_noise_scale`` and ``laplace_scale`` set data-dependent noise in the seed and
 have no sound meaning: they are read, reported as ignored, and do not change the output.
 
 The output goes to ``{home}/data_splits/{name}/synthetic/dp-nmf/{experiment_name}/
@@ -80,12 +81,12 @@ def read_seed_config(path: Path, *, experiment_name: str, dp: str) -> SeedRun:
              "data, which is not differential privacy." for key in IGNORED_DP_KEYS
              if key in dp_config]
     stages = list(STAGE_BUDGETS) if dp == "all" else ([] if dp == "none" else [dp])
-    epsilon = 0.0
+    budgets: dict[str, float] = {}
     for stage in stages:
         budget = dp_config.get(STAGE_BUDGETS[stage])
         if budget is None or float(budget) <= 0:
             raise UserFacingError(f"--dp {dp} needs dp_config.{STAGE_BUDGETS[stage]} > 0.")
-        epsilon += float(budget)
+        budgets[f"epsilon_{stage}"] = float(budget)
     config = {
         "sample_fraction": float(sampler.get("sample_fraction", 1.0)),
         "n_components": int(sampler.get("n_components", 20)),
@@ -97,7 +98,7 @@ def read_seed_config(path: Path, *, experiment_name: str, dp: str) -> SeedRun:
         "dp": dp,
     }
     if stages:
-        config["epsilon_total"] = epsilon
+        config.update(budget_mode="per_stage", **budgets)
     test_file = dataset.get("test_count_file")
     n_synth = sampler.get("n_synth_samples")
     return SeedRun(
