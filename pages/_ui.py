@@ -100,6 +100,8 @@ def page_setup(title: str) -> None:
     and the page's title."""
     st.set_page_config(page_title=f"{title} · SynthCell Studio",
                        page_icon=":material/genetics:", layout="wide")
+    st.session_state["_previous_page"] = st.session_state.get("_current_page")
+    st.session_state["_current_page"] = title
     with st.sidebar:
         st.markdown("## SynthCell Studio")
         for path, label, icon in PAGES:

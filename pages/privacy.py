@@ -32,8 +32,11 @@ st.caption("Differential privacy (DP) settings of the DP-NMF generator. Every re
 FIELDS = {f.name: f for f in privacy_fields(DPNMFConfig)}
 STAGE_TEXT = {"nmf": "NMF basis", "kmeans": "k-means", "sampling": "sampling statistics"}
 saved = privacy_settings()
-for name, spec in FIELDS.items():  # widget state is dropped on page change: restore it
-    st.session_state.setdefault(f"privacy.{name}", saved.get(name, spec.default))
+# Streamlit drops a widget's state when another page runs: on arrival, restore the settings.
+arriving = st.session_state.get("_previous_page") != "Privacy"
+for name, spec in FIELDS.items():
+    if arriving or f"privacy.{name}" not in st.session_state:
+        st.session_state[f"privacy.{name}"] = saved.get(name, spec.default)
 
 ws = workspace()
 dataset_id, split_id = current("dataset_id"), current("split_id")
@@ -66,7 +69,8 @@ def choice(name: str, *, container: Any = st, horizontal: bool = False) -> Any:
 # -- what is protected --------------------------------------------------------------------
 st.subheader("What is protected")
 units = ["donor", "cell"] if donor_col else ["cell"]
-st.session_state.setdefault("privacy.unit", saved.get("unit", units[0]))
+if arriving or "privacy.unit" not in st.session_state:
+    st.session_state["privacy.unit"] = saved.get("unit", units[0])
 if st.session_state["privacy.unit"] not in units:
     st.session_state["privacy.unit"] = units[0]
 cols = st.columns(3)
