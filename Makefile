@@ -10,7 +10,7 @@ DATA_DIR := $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 SAMPLES := sample_data/mock_paired_demo.h5ad sample_data/mock_bridge_demo.h5ad
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup setup-dev browser sample-data lint bench clean
+.PHONY: run test setup setup-dev browser sample-data lint bench bench-peers-env clean
 
 WORKSPACE ?= $(or $(SYNTHCELL_WORKSPACE),workspace)
 
@@ -60,6 +60,18 @@ lint: setup-dev
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# The peer tools (scvi-tools, scdesigner) for bench/bench_dp_nmf_realism.py live in their own
+# environment, so their torch and dependency pins never touch the project's .venv.
+PEERS_VENV := bench/.venv-peers
+
+bench-peers-env: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r bench/peers/requirements.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) workspace
