@@ -48,7 +48,9 @@ def test_dp_all_writes_the_seed_path_with_the_accounted_total(tmp_path: Path) ->
     assert synthetic.n_obs == 200
     assert synthetic.X.dtype == np.int32 and synthetic.X.min() >= 0
     privacy = synthetic.uns["privacy"]
-    assert float(privacy["epsilon"]) <= 4.0 + 1e-9 and float(privacy["epsilon"]) > 3.9
+    # each stage spends its own budget; composed, the total is above the largest and at
+    # most their sum (2 + 1 + 1)
+    assert 2.0 < float(privacy["epsilon"]) <= 4.0 + 1e-9
     assert 0 < float(privacy["delta"]) <= 1 / (10 * 400)
     assert "nmf_noise_scale is ignored" in proc.stderr
 

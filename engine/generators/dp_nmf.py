@@ -266,26 +266,37 @@ class _ClusterData:
     target: float
 
 
+# Scalar releases (counts, library-size moments) carry a signal of one per cell in every
+# cluster, so they get this many times the noise of the others and cost ~1/9 as much budget.
+NOISE_FACTORS = {"basis counts": 3.0, "kmeans counts": 3.0, "cluster sizes": 3.0,
+                 "log library sums": 3.0, "log library square sums": 3.0,
+                 "profile scale": 3.0}
+
+
 def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
-                   n_labels: int) -> list[tuple[str, str, int, float | None]]:
-    """The releases (name, mechanism, count, sampling rate) one DP stage makes."""
+                   n_labels: int) -> list[tuple[str, str, int, float | None, float]]:
+    """The releases (name, mechanism, count, sampling rate, noise factor) one DP stage
+    makes; a release's noise multiplier is its stage's multiplier times the factor."""
     if stage == "nmf" and config.nmf_dp_method == "centroids":
-        return [("basis counts", "gaussian", config.kmeans_iterations, None),
-                ("basis sums", "gaussian", config.kmeans_iterations, None),
-                ("basis profiles", "gaussian", 1, None)]
-    if stage == "nmf":
+        names = [("basis counts", config.kmeans_iterations),
+                 ("basis sums", config.kmeans_iterations), ("basis profiles", 1)]
+    elif stage == "nmf":
         rate = min(1.0, config.nmf_batch_size / max(n_units, 1))
-        return [("nmf gradient", "gaussian", config.nmf_dp_steps, rate)]
-    if stage == "kmeans":
-        return [("kmeans counts", "gaussian", config.kmeans_iterations, None),
-                ("kmeans sums", "gaussian", config.kmeans_iterations, None)]
-    names = ["cluster sizes", "profile sums", "log library sums", "log library square sums",
-             "W sums", "W square sums", "profile scale"]
-    if n_labels:
-        names.append("label counts")
-    if config.sampling_method == "zinb":
-        names += ["proportion sums", "proportion square sums", "detections"]
-    return [(name, "gaussian", 1, None) for name in names]
+        return [("nmf gradient", "gaussian", config.nmf_dp_steps, rate, 1.0)]
+    elif stage == "kmeans":
+        names = [("kmeans counts", config.kmeans_iterations),
+                 ("kmeans sums", config.kmeans_iterations)]
+    else:
+        names = [(name, 1) for name in ("cluster sizes", "profile sums", "log library sums",
+                                         "log library square sums", "profile scale")]
+        if config.dp not in ("nmf", "all"):  # with a DP basis the weights' spread is unused
+            names += [("W sums", 1), ("W square sums", 1)]
+        if n_labels:
+            names.append(("label counts", 1))
+        if config.sampling_method == "zinb":
+            names += [("proportion sums", 1), ("proportion square sums", 1), ("detections", 1)]
+    return [(name, "gaussian", count, None, NOISE_FACTORS.get(name, 1.0))
+            for name, count in names]
 
 
 @dataclass
@@ -341,9 +352,9 @@ def plan_privacy(config: DPNMFConfig, *, n_units: int, n_labels: int = 0,
     stage_epsilon: dict[str, float] = {}
     for stage in stages:
         alone = Accountant(method=method)
-        for name, _, count, rate in per_stage[stage]:
+        for name, _, count, rate, factor in per_stage[stage]:
             for acc in (total, alone):
-                acc.gaussian(name, noise_multiplier=multipliers[stage], count=count,
+                acc.gaussian(name, noise_multiplier=multipliers[stage] * factor, count=count,
                              sampling_rate=rate)
         stage_epsilon[stage] = alone.epsilon(delta)
     return PrivacyPlan(stages=stages, delta=delta, multipliers=multipliers,
@@ -489,6 +500,7 @@ class DPNMFGenerator(Generator):
                  rng: np.random.Generator, *, count: int = 1,
                  sampling_rate: float | None = None, record: bool = True) -> np.ndarray:
         """Add calibrated Gaussian noise and record the release (once per name)."""
+        multiplier *= NOISE_FACTORS.get(name, 1.0)
         mech = GaussianRelease(sensitivity=sensitivity, sigma=multiplier * sensitivity)
         if record:
             self.accountant.gaussian(name, noise_multiplier=multiplier, count=count,
@@ -632,9 +644,11 @@ class DPNMFGenerator(Generator):
             ("profile sums", data.x, 1.0),
             ("log library sums", loglib, cfg.log_library_max),
             ("log library square sums", loglib**2, cfg.log_library_max**2),
-            ("W sums", w_rows, cfg.w_l2_bound),
-            ("W square sums", w_rows**2, cfg.w_l2_bound**2),
         ]
+        private_basis = cfg.dp in ("nmf", "all")
+        if not private_basis:
+            blocks += [("W sums", w_rows, cfg.w_l2_bound),
+                       ("W square sums", w_rows**2, cfg.w_l2_bound**2)]
         if data.label_names and data.labels is not None:
             blocks.append(("label counts", _one_hot(data.labels, data.label_names), 1.0))
         sums: dict[str, np.ndarray] = {}
@@ -665,8 +679,11 @@ class DPNMFGenerator(Generator):
         lvar = sums["log library square sums"][:, 0] / n - lmean**2
         lsd = np.sqrt(np.clip(lvar, 0.05**2, 4.0))
         lib_ref = np.exp(lmean + lsd**2 / 2)
-        wmean = np.maximum(sums["W sums"] / n[:, None], 0.0)
-        wsd = np.sqrt(np.maximum(sums["W square sums"] / n[:, None] - wmean**2, 0.0))
+        if private_basis:  # the programme spread is switched off with a DP basis
+            wmean = wsd = np.zeros((n_clusters, h.shape[0]))
+        else:
+            wmean = np.maximum(sums["W sums"] / n[:, None], 0.0)
+            wsd = np.sqrt(np.maximum(sums["W square sums"] / n[:, None] - wmean**2, 0.0))
         m = p * lib_ref[:, None]
         weights = np.maximum(sums["cluster sizes"][:, 0], 0.0)
         mu, r, pi = m, np.full_like(m, 1e4), np.zeros_like(m)

@@ -102,11 +102,12 @@ def calibrate_noise_multiplier(
     *,
     epsilon: float,
     delta: float,
-    releases: Sequence[tuple[str, str, int, float | None]],
+    releases: Sequence[tuple[Any, ...]],
     method: str = "pld",
 ) -> float:
     """Return the one noise multiplier that, used by every release in ``releases`` (name,
-    mechanism, count, sampling rate), makes their composition at most (``epsilon``,
+    mechanism, count, sampling rate, and optionally a factor: that release's multiplier is
+    the answer times the factor), makes their composition at most (``epsilon``,
     ``delta``)-DP, as close to it as the search allows: the total-budget mode that splits
     one epsilon across mechanisms.
 
@@ -119,8 +120,10 @@ def calibrate_noise_multiplier(
 
     def total(multiplier: float, how: str) -> float:
         accountant = Accountant(method=how)
-        for name, mechanism, count, rate in releases:
-            accountant.releases.append(Release(name, mechanism, multiplier, count, rate))
+        for name, mechanism, count, rate, *factor in releases:
+            accountant.releases.append(Release(name, mechanism,
+                                               multiplier * (factor[0] if factor else 1.0),
+                                               count, rate))
         return accountant.epsilon(delta)
 
     def bisect(low: float, high: float, how: str) -> float:
