@@ -90,17 +90,20 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,4,10")
     parser.add_argument("--dp", default="all")
     parser.add_argument("--settings", default="kang,mock")
+    parser.add_argument("--clusters-from", default="kmeans", choices=("kmeans", "cell_type"))
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",")]
     makers = {"kang_cell_level": _kang, "mock_200_donors_donor_level": _mock}
     wanted = {"kang": "kang_cell_level", "mock": "mock_200_donors_donor_level"}
-    out: dict[str, Any] = {"benchmark": "dp_nmf_privacy", "dp": args.dp, "delta": DELTA}
+    out: dict[str, Any] = {"benchmark": "dp_nmf_privacy", "dp": args.dp, "delta": DELTA,
+                           "clusters_from": args.clusters_from}
     for short in args.settings.split(","):
         name = wanted[short]
         if short == "kang" and not SHARED.exists():
             out[name] = {"error": f"no data at {SHARED}"}
             continue
         train, test, roles, unit_options = makers[name]()
+        unit_options = {**unit_options, "clusters_from": args.clusters_from}
         baseline = _point(train, test, roles, {**unit_options, "dp": "none"})
         rows: dict[str, Any] = {"no_dp": baseline, "n_train": train.n_obs,
                                 "n_units": int(train.obs["donor"].nunique())

@@ -115,6 +115,7 @@ with cols[2]:
 with st.expander("Clipping bounds, iterations and the DP basis"):
     cols = st.columns(3)
     choice("nmf_dp_method", container=cols[0])
+    number("dp_basis_genes", container=cols[0])
     number("kmeans_iterations", container=cols[0])
     number("nmf_dp_steps", container=cols[0])
     number("nmf_dp_learning_rate", container=cols[0])

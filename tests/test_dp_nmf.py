@@ -161,3 +161,16 @@ def test_dp_sgd_basis_is_still_available(kang: ad.AnnData) -> None:
     assert names == {"nmf gradient"}
     assert np.allclose(np.linalg.norm(model.h, axis=1), 1.0)
     assert model.privacy_label.startswith("not private: only the nmf stage is noised")
+
+
+def test_clusters_from_cell_types_cost_no_budget(kang: ad.AnnData) -> None:
+    model = _fit(kang, dp="all", clusters_from="cell_type", cell_type_key="cell_type")
+    names = {r["name"] for r in model.privacy_spend()["releases"]}
+    assert not names & {"kmeans counts", "kmeans sums", "label counts"}
+    types = sorted(kang.obs["cell_type"].astype(str).unique())
+    assert model.cluster_labels == types
+    assert np.array_equal(np.asarray(types)[model.train_clusters],
+                          kang.obs["cell_type"].astype(str).to_numpy())
+    plan = plan_privacy(model.config, n_units=kang.n_obs, n_labels=len(types))
+    assert plan.stages == ("nmf", "sampling")
+    assert model.privacy_spend()["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)

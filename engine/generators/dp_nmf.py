@@ -99,6 +99,11 @@ class DPNMFConfig:
     n_clusters: int = field(default=0, metadata={
         "label": "Clusters", "min": 0, "max": 500,
         "help": "0: number of cell types when the cell-type column exists, else 8."})
+    clusters_from: str = field(default="kmeans", metadata={
+        "label": "Clusters from", "choices": ("kmeans", "cell_type"),
+        "help": "kmeans: k-means on the programme weights (the seed's method); cell_type: "
+        "one cluster per cell type of the cell-type column (a per-cell function of each "
+        "cell's own label, so it costs no privacy budget)."})
     sampling_method: str = field(default="zinb", metadata={
         "label": "Count model", "choices": ("zinb", "poisson"),
         "help": "Zero-inflated negative binomial or Poisson per gene and cluster."})
@@ -141,6 +146,10 @@ class DPNMFConfig:
         "label": "DP basis", "choices": ("centroids", "sgd"), "privacy": True,
         "help": "centroids: DP spherical k-means in a random projection, then one noisy "
         "release of the centroids' gene profiles as H; sgd: DP-SGD on H."})
+    dp_basis_genes: int = field(default=1000, metadata={
+        "label": "Genes in the DP basis", "min": 10, "max": 100000, "privacy": True,
+        "help": "centroids: the basis uses the genes with the largest noisy pooled "
+        "expression (one more release); fewer genes, less noise in H."})
     nmf_dp_steps: int = field(default=20, metadata={
         "label": "DP-NMF steps", "min": 1, "max": 5000, "privacy": True,
         "help": "Noisy gradient steps on H."})
@@ -278,11 +287,13 @@ def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
     """The releases (name, mechanism, count, sampling rate, noise factor) one DP stage
     makes; a release's noise multiplier is its stage's multiplier times the factor."""
     if stage == "nmf" and config.nmf_dp_method == "centroids":
-        names = [("basis counts", config.kmeans_iterations),
+        names = [("basis gene sums", 1), ("basis counts", config.kmeans_iterations),
                  ("basis sums", config.kmeans_iterations), ("basis profiles", 1)]
     elif stage == "nmf":
         rate = min(1.0, config.nmf_batch_size / max(n_units, 1))
         return [("nmf gradient", "gaussian", config.nmf_dp_steps, rate, 1.0)]
+    elif stage == "kmeans" and config.clusters_from == "cell_type":
+        names = []  # clusters are the cells' own labels: nothing is released
     elif stage == "kmeans":
         names = [("kmeans counts", config.kmeans_iterations),
                  ("kmeans sums", config.kmeans_iterations)]
@@ -291,7 +302,7 @@ def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
                                          "log library square sums", "profile scale")]
         if config.dp not in ("nmf", "all"):  # with a DP basis the weights' spread is unused
             names += [("W sums", 1), ("W square sums", 1)]
-        if n_labels:
+        if n_labels and config.clusters_from != "cell_type":
             names.append(("label counts", 1))
         if config.sampling_method == "zinb":
             names += [("proportion sums", 1), ("proportion square sums", 1), ("detections", 1)]
@@ -333,6 +344,7 @@ def plan_privacy(config: DPNMFConfig, *, n_units: int, n_labels: int = 0,
     delta = config.delta or default_delta(n_units)
     per_stage = {s: stage_releases(config, s, n_units=n_units, n_labels=n_labels)
                  for s in stages}
+    stages = tuple(s for s in stages if per_stage[s])  # e.g. k-means with type clusters
     multipliers: dict[str, float] = {}
     try:
         if stages and config.budget_mode == "total":
@@ -447,7 +459,12 @@ class DPNMFGenerator(Generator):
         if cfg.cell_type_key and cfg.cell_type_key in train.obs:
             labels = train.obs[cfg.cell_type_key].astype(str).to_numpy()[rows]
         label_names = sorted(set(labels)) if labels is not None else []
-        n_clusters = cfg.n_clusters or (len(label_names) if label_names else 8)
+        by_type = cfg.clusters_from == "cell_type"
+        if by_type and labels is None:
+            raise UserFacingError("Clusters from cell types need the cell-type column "
+                                  f"{cfg.cell_type_key!r} in the data.")
+        n_clusters = len(label_names) if by_type else (
+            cfg.n_clusters or (len(label_names) if label_names else 8))
         n_clusters = max(1, min(n_clusters, counts.shape[0]))
         n_units = len(np.unique(units))
 
@@ -476,7 +493,9 @@ class DPNMFGenerator(Generator):
         # 2. clusters
         progress(0.5, "clustering the programme weights")
         direction = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-        if "kmeans" in stages:
+        if by_type:
+            clusters = np.searchsorted(np.asarray(label_names), labels)
+        elif "kmeans" in stages:
             clusters = self._dp_kmeans(direction, units, cap, n_clusters, multipliers["kmeans"])
         else:
             km = KMeans(n_clusters=n_clusters, n_init=4, random_state=cfg.seed)
@@ -548,6 +567,13 @@ class DPNMFGenerator(Generator):
         cfg = self.config
         rng = _rng(cfg.seed, "nmf")
         k = min(cfg.n_components, min(x.shape))
+        # DP gene selection: the noisy pooled profile picks the genes the basis may use, so
+        # the basis carries noise on those genes only (restricted rows keep norm ≤ 1).
+        pooled = self._release("basis gene sums", np.asarray(x.sum(axis=0)).ravel(),
+                               float(cap), multiplier, rng)
+        genes = np.sort(np.argsort(-pooled)[:min(cfg.dp_basis_genes, x.shape[1])])
+        full_width = x.shape[1]
+        x = x[:, genes]
         projection = rng.normal(size=(x.shape[1], 32)) / np.sqrt(32.0)
         y = np.asarray(clip_rows_l2(np.asarray(x @ projection), 1.0))
         centers = rng.normal(size=(k, 32))
@@ -567,27 +593,38 @@ class DPNMFGenerator(Generator):
                                  multiplier, rng)
         sigma = multiplier * cap
         expressed = profiles.sum(axis=0) > 3.0 * sigma * np.sqrt(k)
-        h = np.maximum(profiles, 0.0) * expressed[None]
-        return h + 1e-12 * expressed[None]  # no all-zero row
+        h = np.zeros((k, full_width))
+        h[:, genes] = np.maximum(profiles, 0.0) * expressed[None] + 1e-12 * expressed[None]
+        return h
 
     def _dp_kmeans(self, rows: np.ndarray, units: np.ndarray, cap: int, n_clusters: int,
                    multiplier: float) -> np.ndarray:
-        """DP Lloyd iterations on norm-≤1 rows from a data-independent random start."""
+        """DP Lloyd iterations on norm-≤1, non-negative rows.
+
+        Start (data-independent): one centre per programme (the unit vectors) plus random
+        non-negative directions up to ``n_clusters``; after the first noisy iteration only
+        the ``n_clusters`` centres with the largest noisy counts are kept (post-processing),
+        so no centre starts where no cell is."""
         cfg = self.config
         rng = _rng(cfg.seed, "kmeans")
         rows = np.asarray(clip_rows_l2(rows, 1.0))
-        centers = np.abs(rng.normal(size=(n_clusters, rows.shape[1])))
+        width = rows.shape[1]
+        extra = np.abs(rng.normal(size=(max(0, n_clusters - width), width)))
+        centers = np.vstack([np.eye(width), extra])
         centers /= np.linalg.norm(centers, axis=1, keepdims=True)
         for it in range(cfg.kmeans_iterations):
             assign = _nearest(rows, centers)
-            sizes = self._release("kmeans counts", np.bincount(assign, minlength=n_clusters),
+            k = len(centers)
+            sizes = self._release("kmeans counts", np.bincount(assign, minlength=k),
                                   float(cap), multiplier, rng, count=cfg.kmeans_iterations,
                                   record=it == 0)
-            sums = self._release("kmeans sums", _cluster_sums(rows, assign, n_clusters),
+            sums = self._release("kmeans sums", _cluster_sums(rows, assign, k),
                                  float(cap), multiplier, rng, count=cfg.kmeans_iterations,
                                  record=it == 0)
             ok = sizes >= 1.0
             centers[ok] = np.maximum(sums[ok] / sizes[ok, None], 0.0)
+            if it == 0 and k > n_clusters:
+                centers = centers[np.sort(np.argsort(-sizes)[:n_clusters])]
         return _nearest(rows, centers)
 
     def _summaries(self, data: _ClusterData) -> None:
@@ -649,7 +686,8 @@ class DPNMFGenerator(Generator):
         if not private_basis:
             blocks += [("W sums", w_rows, cfg.w_l2_bound),
                        ("W square sums", w_rows**2, cfg.w_l2_bound**2)]
-        if data.label_names and data.labels is not None:
+        by_type = cfg.clusters_from == "cell_type"
+        if data.label_names and data.labels is not None and not by_type:
             blocks.append(("label counts", _one_hot(data.labels, data.label_names), 1.0))
         sums: dict[str, np.ndarray] = {}
         for name, rows, bound in blocks:  # one unit moves a stacked sum by ≤ cap × bound
@@ -694,7 +732,8 @@ class DPNMFGenerator(Generator):
             r = np.broadcast_to(r_gene, m.shape).copy()
             mu = m / (1.0 - pi)
         self._set_params(m=m, mu=mu, r=r, pi=pi, lmean=lmean, lsd=lsd, wmean=wmean, wsd=wsd,
-                         weights=weights, label_counts=sums.get("label counts"),
+                         weights=weights,
+                         label_counts=np.eye(n_clusters) if by_type else sums.get("label counts"),
                          label_names=data.label_names)
 
     def _private_gene_shapes(self, data: _ClusterData, p: np.ndarray, weights: np.ndarray,
