@@ -524,7 +524,7 @@ def cmd_run_singlecell_generator(args: argparse.Namespace) -> int:
     from engine.generators.base import config_from_dict
     from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator
     from engine.generators.seed_config import read_seed_config
-    from engine.store import write_h5ad_atomic
+    from engine.store import fingerprint_adata, write_h5ad_atomic
 
     config_path = Path(args.config) if args.config else Path.cwd() / "config.yaml"
     run = read_seed_config(config_path, experiment_name=args.experiment_name, dp=args.dp)
@@ -542,6 +542,13 @@ def cmd_run_singlecell_generator(args: argparse.Namespace) -> int:
     model = DPNMFGenerator(config)
     model.fit(train, progress=context.progress)
     synthetic = model.sample(run.n_synth_samples, seed=config.seed, progress=context.progress)
+    synthetic.uns["synthcell"] = {
+        "generator": DPNMFGenerator.name, "config": json.dumps(dataclasses.asdict(config)),
+        "seed": config.seed, "train_count_file": str(run.train_path),
+        "data_fingerprint": fingerprint_adata(train), "privacy_label": model.privacy_label,
+        "privacy_spend": json.dumps(model.privacy_spend()),
+        "experiment_name": args.experiment_name,
+    }
     write_h5ad_atomic(synthetic, run.output_path)
     _print({"output": str(run.output_path), "n_cells": int(synthetic.n_obs),
             "privacy": model.privacy_label, "epsilon": model.privacy_spend().get("epsilon")})

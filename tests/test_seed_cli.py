@@ -53,6 +53,10 @@ def test_dp_all_writes_the_seed_path_with_the_accounted_total(tmp_path: Path) ->
     assert 2.0 < float(privacy["epsilon"]) <= 4.0 + 1e-9
     assert 0 < float(privacy["delta"]) <= 1 / (10 * 400)
     assert "nmf_noise_scale is ignored" in proc.stderr
+    provenance = synthetic.uns["synthcell"]
+    assert json.loads(provenance["config"])["budget_mode"] == "per_stage"
+    assert int(provenance["seed"]) == json.loads(provenance["config"])["seed"]
+    assert len(provenance["data_fingerprint"]) >= 16
 
 
 def test_dp_none_is_labelled_not_private_and_is_reproducible(tmp_path: Path) -> None:
