@@ -156,6 +156,10 @@ else:
     cols[1].metric("δ", f"{plan['delta']:.2g}")
     cols[2].metric("Unit", unit)
     cols[3].metric("Releases", sum(r["count"] for r in plan["releases"]))
+    if n_units < 100:
+        st.warning(f"Only {n_units:,} privacy units: δ = {plan['delta']:.2g} is a large "
+                   "chance of failure, and noise big enough to hide one of so few units "
+                   "leaves little of the data's signal.")
     st.dataframe(
         {"stage": [STAGE_TEXT[s] for s in plan["stages"]],
          "noise multiplier (σ / sensitivity)": [round(plan["multipliers"][s], 3)

@@ -176,6 +176,21 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         page.screenshot(path=str(SCREENSHOT.with_name("compare.png")))
         page.set_viewport_size({"width": 1400, "height": 1000})
 
+        # Privacy: choosing DP for every stage shows the accountant's total at once.
+        page.get_by_role("link", name="Privacy", exact=True).click()
+        expect(page.get_by_role("heading", name="Privacy", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("combobox", name="Differential privacy").click()
+        page.get_by_role("option", name="all", exact=True).click()
+        expect(page.get_by_test_id("stMetricLabel").filter(has_text="Total ε")).to_be_visible(
+            timeout=60_000)
+        expect(page.get_by_role("heading", name="What the accountant says")).to_be_visible()
+        _wait_idle(page)
+        page.set_viewport_size({"width": 1400, "height": 1500})
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(SCREENSHOT.with_name("privacy.png")))
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
         # Generate a mock scenario as a job and preview it as a UMAP.
         page.get_by_role("link", name="Mock data").click()
         expect(page.get_by_role("heading", name="Mock data", exact=True)).to_be_visible(
