@@ -33,7 +33,9 @@ Method (each choice documented here, read by the Train page's help):
    refitted for the zeros π explains. Library size: log-normal (mean, sd of log L).
    With DP, every statistic is a clipped sum plus Gaussian noise: cluster sizes; the sums
    of the unit-norm log profiles (each cell uses its whole L2 budget of 1, about ten times
-   the signal of proportions at the same noise), projected onto the cone of H to denoise
+   the signal of proportions at the same noise; with a DP centroid basis, restricted to
+   the basis's DP-selected genes and rescaled to norm 1), projected onto the cone of H
+   to denoise
    and mapped back to proportions through ``expm1`` at the released mean profile scale;
    sums of log L and its square; of W and W². ZINB's dispersion and zero inflation are
    pooled per gene over clusters from global noisy sums (shrunk to Poisson where a gene's
@@ -399,6 +401,7 @@ class DPNMFGenerator(Generator):
         self.unit_name: str = "cell"
         self.accountant = Accountant()
         self.train_clusters: np.ndarray | None = None  # kept in memory for inspection
+        self._basis_genes: np.ndarray | None = None  # genes the DP centroid basis chose
 
     # ----------------------------------------------------------------- privacy
     def _stages(self) -> set[str]:
@@ -469,6 +472,7 @@ class DPNMFGenerator(Generator):
         n_units = len(np.unique(units))
 
         self.accountant = Accountant()
+        self._basis_genes = None
         multipliers: dict[str, float] = {}
         if stages:
             progress(0.02, "calibrating the noise to the budget")
@@ -572,6 +576,7 @@ class DPNMFGenerator(Generator):
         pooled = self._release("basis gene sums", np.asarray(x.sum(axis=0)).ravel(),
                                float(cap), multiplier, rng)
         genes = np.sort(np.argsort(-pooled)[:min(cfg.dp_basis_genes, x.shape[1])])
+        self._basis_genes = genes
         full_width = x.shape[1]
         x = x[:, genes]
         projection = rng.normal(size=(x.shape[1], 32)) / np.sqrt(32.0)
@@ -676,9 +681,19 @@ class DPNMFGenerator(Generator):
         loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)[:, None]
         w_rows = np.asarray(clip_rows_l2(data.w, cfg.w_l2_bound))
         scale_max = _max_profile_scale(data.target, counts.shape[1])
+        # With a DP centroid basis, the profiles are released on the basis's DP-selected
+        # genes only, each cell's restricted profile rescaled to norm 1: the same noise on
+        # fewer genes, each with more of the cell's budget. Other genes stay at 0.
+        genes = self._basis_genes if self._basis_genes is not None else np.arange(
+            counts.shape[1])
+        profiles = data.x[:, genes]
+        kept = np.sqrt(np.asarray(profiles.multiply(profiles).sum(axis=1)).ravel())
+        profiles = sp.csr_matrix(sp.diags(1.0 / np.maximum(kept, 1e-12)) @ profiles)
+        cell_scale = data.scale * kept
+        h_genes = h[:, genes]
         blocks: list[tuple[str, Any, float]] = [
             ("cluster sizes", np.ones((len(clusters), 1)), 1.0),
-            ("profile sums", data.x, 1.0),
+            ("profile sums", profiles, 1.0),
             ("log library sums", loglib, cfg.log_library_max),
             ("log library square sums", loglib**2, cfg.log_library_max**2),
         ]
@@ -694,7 +709,7 @@ class DPNMFGenerator(Generator):
             sums[name] = self._release(name, _cluster_sums(rows, clusters, n_clusters),
                                        cap * bound, multiplier, rng)
         everyone = np.zeros(len(clusters), dtype=int)
-        scale = np.clip(data.scale, 0.0, scale_max)[:, None]
+        scale = np.clip(cell_scale, 0.0, scale_max)[:, None]
         total_scale = self._release("profile scale", _cluster_sums(scale, everyone, 1),
                                     cap * scale_max, multiplier, rng)[0, 0]
         n = np.maximum(sums["cluster sizes"][:, 0], 1.0)
@@ -705,13 +720,14 @@ class DPNMFGenerator(Generator):
         # outside every programme keep their noisy mean where the pooled sum shows they are
         # expressed (more than 3 noise sds above zero), else 0.
         raw = np.maximum(sums["profile sums"], 0.0) / n[:, None]
-        log_profile = _nnls_rows(sp.csr_matrix(raw), h, iterations=200) @ h
+        log_profile = _nnls_rows(sp.csr_matrix(raw), h_genes, iterations=200) @ h_genes
         sigma = multiplier * cap
         expressed = sums["profile sums"].sum(axis=0) > 3.0 * sigma * np.sqrt(n_clusters)
-        outside = h.sum(axis=0) <= 1e-9
+        outside = h_genes.sum(axis=0) <= 1e-9
         log_profile[:, outside] = (raw * expressed[None])[:, outside]
         log_profile /= np.maximum(np.linalg.norm(log_profile, axis=1, keepdims=True), 1e-12)
-        p = np.expm1(mean_scale * log_profile)
+        p = np.zeros((n_clusters, counts.shape[1]))
+        p[:, genes] = np.expm1(mean_scale * log_profile)
         p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
         lmean = np.clip(sums["log library sums"][:, 0] / n, 0.0, cfg.log_library_max)
         lvar = sums["log library square sums"][:, 0] / n - lmean**2
