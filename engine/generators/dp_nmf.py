@@ -35,8 +35,8 @@ Method (each choice documented here, read by the Train page's help):
    of the unit-norm log profiles (each cell uses its whole L2 budget of 1, about ten times
    the signal of proportions at the same noise; with a DP centroid basis, restricted to
    the basis's DP-selected genes and rescaled to norm 1), projected onto the cone of H
-   to denoise
-   and mapped back to proportions through ``expm1`` at the released mean profile scale;
+   to denoise and mapped back to proportions through ``expm1`` at the released mean
+   profile scale;
    sums of log L and its square; of W and W². ZINB's dispersion and zero inflation are
    pooled per gene over clusters from global noisy sums (shrunk to Poisson where a gene's
    sum is within 3 noise sds of zero).
