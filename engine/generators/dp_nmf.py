@@ -58,7 +58,11 @@ Method (each choice documented here, read by the Train page's help):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,7 @@ from sklearn.decomposition import MiniBatchNMF
 
 from engine.errors import UserFacingError
 from engine.generators.base import Capabilities, Generator, Progress, no_progress
+from engine.generators.mock import _assemble_csr
 from engine.generators.registry import register
 from engine.privacy.accountant import Accountant, calibrate_noise_multiplier, default_delta
 from engine.privacy.mechanisms import GaussianRelease, cap_cells_per_unit, clip_rows_l2
@@ -79,7 +84,8 @@ from engine.privacy.mechanisms import GaussianRelease, cap_cells_per_unit, clip_
 DP_CHOICES = ("none", "sampling", "kmeans", "nmf", "all")
 BUDGET_MODES = ("total", "per_stage")
 STAGES = ("nmf", "kmeans", "sampling")
-_STAGE_SEEDS = {"subsample": 1, "nmf": 2, "kmeans": 3, "sampling": 4, "cap": 5}
+_STAGE_SEEDS = {"subsample": 1, "nmf": 2, "kmeans": 3, "sampling": 4, "cap": 5,
+                "nmf_cells": 6}
 
 
 @dataclass
@@ -98,6 +104,14 @@ class DPNMFConfig:
     nmf_max_iter: int = field(default=200, metadata={
         "label": "NMF passes", "min": 1, "max": 5000,
         "help": "Maximum passes over the cells for the (non-private) NMF."})
+    nmf_steps: int = field(default=1000, metadata={
+        "label": "NMF minibatch steps", "min": 1, "max": 100000,
+        "help": "Minibatch updates of the (non-private) NMF (at most the passes above): "
+        "a fixed budget, no early stop."})
+    nmf_fit_cells: int = field(default=100_000, metadata={
+        "label": "Cells for the NMF basis", "min": 1000, "max": 10_000_000,
+        "help": "The basis H is learnt on at most this many random cells; every cell's "
+        "weights are then fitted given H."})
     n_clusters: int = field(default=0, metadata={
         "label": "Clusters", "min": 0, "max": 500,
         "help": "0: number of cell types when the cell-type column exists, else 8."})
@@ -193,6 +207,54 @@ def _as_csr(matrix: Any) -> sp.csr_matrix:
     return sp.csr_matrix(matrix, dtype=np.float64)
 
 
+_ROW_BLOCK = 16_384  # rows per block: a block's float64 temporaries stay ~0.3 GB at 2k genes
+
+
+def _row_blocks(n: int) -> list[tuple[int, int]]:
+    """Row ranges of at most ``_ROW_BLOCK`` rows covering ``range(n)``."""
+    return [(s, min(s + _ROW_BLOCK, n)) for s in range(0, n, _ROW_BLOCK)]
+
+
+def _counts_csr(matrix: Any) -> sp.csr_matrix:
+    """The counts as CSR in their own dtype: CSR input is used as is (no float64 copy)."""
+    return matrix if isinstance(matrix, sp.csr_matrix) else sp.csr_matrix(matrix)
+
+
+def _library_sizes(counts: sp.csr_matrix) -> np.ndarray:
+    """Row sums as float64, block by block (never a full-size upcast copy)."""
+    parts = [np.asarray(counts[s:e].sum(axis=1), dtype=np.float64).ravel()
+             for s, e in _row_blocks(counts.shape[0])]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _float_blocks(counts: sp.csr_matrix) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """Yield (start, stop, float64 CSR copy of those rows)."""
+    for s, e in _row_blocks(counts.shape[0]):
+        yield s, e, sp.csr_matrix(counts[s:e], dtype=np.float64)
+
+
+def _single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
+    """BLAS on one thread: the NMF's products are small (batch × k × k) and two BLAS
+    threads waiting on each other on a busy 2-core machine cost 5-10× their work."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _nndsvda_start(x: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's "nndsvda" start, identical values, without the full copy of ``x`` that
+    its ``X.mean()`` makes (sparse mean divides a copy of the matrix)."""
+    from sklearn.decomposition._nmf import _initialize_nmf
+
+    w, h = _initialize_nmf(x, k, init="nndsvd", random_state=seed)
+    avg = float(x.data.sum()) / (x.shape[0] * x.shape[1])
+    w[w == 0] = avg
+    h[h == 0] = avg
+    return w, h
+
+
 def _nnls_rows(x: sp.csr_matrix, h: np.ndarray, *, iterations: int = 30) -> np.ndarray:
     """Non-negative weights w_i minimising ||x_i - w_i H|| (multiplicative updates)."""
     hht = h @ h.T
@@ -245,12 +307,25 @@ def _one_hot(labels: np.ndarray, names: list[str]) -> np.ndarray:
 def _unit_log_profiles(counts: sp.csr_matrix, target: float) -> tuple[sp.csr_matrix, np.ndarray]:
     """Return log1p(counts scaled to library size ``target``) with every row scaled to L2
     norm 1, and each row's norm before that scaling. Unit rows make the NMF scale-free and
-    give each cell the same, data-independent, L2 size for the DP releases."""
-    lib = np.asarray(counts.sum(axis=1)).ravel()
-    logged = sp.csr_matrix(sp.diags(target / np.maximum(lib, 1.0)) @ counts)
-    logged.data = np.log1p(logged.data)
-    norms = np.sqrt(np.asarray(logged.multiply(logged).sum(axis=1)).ravel())
-    return sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, 1e-12)) @ logged), norms
+    give each cell the same, data-independent, L2 size for the DP releases.
+
+    Built block by block straight from the (integer) counts into one float64 data array:
+    no float64 copy of the counts and no intermediate full-size matrices."""
+    n, indptr = counts.shape[0], counts.indptr
+    data = np.empty(counts.nnz, dtype=np.float64)
+    norms = np.empty(n)
+    for s, e in _row_blocks(n):
+        a, b = indptr[s], indptr[e]
+        per_row = np.diff(indptr[s:e + 1])
+        lib = np.asarray(counts[s:e].sum(axis=1), dtype=np.float64).ravel()
+        block = counts.data[a:b] * np.repeat(target / np.maximum(lib, 1.0), per_row)
+        np.log1p(block, out=block)
+        rows = np.repeat(np.arange(e - s), per_row)
+        norms[s:e] = np.sqrt(np.bincount(rows, weights=block * block, minlength=e - s))
+        block *= np.repeat(1.0 / np.maximum(norms[s:e], 1e-12), per_row)
+        data[a:b] = block
+    unit = sp.csr_matrix((data, counts.indices.copy(), indptr.copy()), shape=counts.shape)
+    return unit, norms
 
 
 def _max_profile_scale(target: float, n_genes: int) -> float:
@@ -376,6 +451,99 @@ def plan_privacy(config: DPNMFConfig, *, n_units: int, n_labels: int = 0,
                        n_units=n_units, releases=[r.__dict__ for r in total.releases])
 
 
+_INVERSE_MAX_MEAN = 4.0   # above this mean, or
+_INVERSE_MAX_Q = 0.8      # a tail ratio mu/(mu+r) above this: gamma-Poisson directly
+_INVERSE_MAX_STEPS = 400
+_ROWS_PER_CHUNK = 2048
+
+
+def _sample_zinb(mu: np.ndarray, r: np.ndarray | None, pi: np.ndarray | None,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Exact ZINB (or Poisson when ``r`` is None) counts, mean ``mu`` before zero
+    inflation, shape ``r``, zero probability ``pi``; all arrays shaped like ``mu``.
+
+    One uniform per entry decides zero inflation and, for small means, the count by
+    inverse transform (most entries stop at zero after one comparison); only large means or
+    heavy tails fall back to gamma-Poisson draws. Returns int32."""
+    out = np.zeros(mu.shape, dtype=np.int32)
+    u = rng.random(mu.shape)
+    if pi is not None:  # zero-inflated below pi; above it u is again uniform on [0, 1)
+        keep = u >= pi
+        u -= pi
+        u /= np.maximum(1.0 - pi, 1e-12)
+    else:
+        keep = np.ones(mu.shape, dtype=bool)
+    if r is not None:
+        q = mu / (mu + r)
+        direct = keep & ((mu > _INVERSE_MAX_MEAN) | (q > _INVERSE_MAX_Q))
+        p0 = np.log1p(-q)
+        p0 *= r
+    else:
+        direct = keep & (mu > _INVERSE_MAX_MEAN)
+        p0 = -mu
+    np.exp(p0, out=p0)  # P(count = 0 | not inflated)
+    rows, cols = np.nonzero(direct)
+    if rows.size:
+        m = mu[rows, cols]
+        if r is not None:
+            s = r[rows, cols]
+            m = rng.gamma(s, m / s)
+        out[rows, cols] = rng.poisson(m)
+    rows, cols = np.nonzero(keep & ~direct & (u >= p0))
+    u, pmf = u[rows, cols], p0[rows, cols]
+    ratio = q[rows, cols] if r is not None else mu[rows, cols]
+    s = r[rows, cols] if r is not None else None
+    cdf = pmf.copy()
+    k = 0
+    while rows.size:
+        k += 1
+        pmf *= ratio * ((s + (k - 1)) / k) if s is not None else ratio / k
+        cdf += pmf
+        out[rows, cols] = k
+        go_on = u >= cdf
+        if k >= _INVERSE_MAX_STEPS:
+            break
+        rows, cols, u, ratio, pmf, cdf = (a[go_on] for a in (rows, cols, u, ratio, pmf, cdf))
+        if s is not None:
+            s = s[go_on]
+    return out
+
+
+def _draw_cells(prm: dict, h: np.ndarray, clusters: np.ndarray, seed: int, *, zinb: bool,
+                progress: Progress = no_progress, threads: int | None = None) -> sp.csr_matrix:
+    """All cells' counts, chunk by chunk on a thread pool (each chunk its own stream)."""
+    base = prm["w_mean"] @ h
+    n, n_genes = len(clusters), h.shape[1]
+    starts = list(range(0, n, _ROWS_PER_CHUNK))
+
+    def chunk(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([seed, 7, i])
+        c = clusters[starts[i]:starts[i] + _ROWS_PER_CHUNK]
+        wc = np.maximum(rng.normal(prm["w_mean"][c], prm["w_sd"][c]), 0.0)
+        # genes outside every programme (base ≈ 0) keep their cluster mean
+        ratio = np.clip((wc @ h + 1e-6) / (base[c] + 1e-6), 0.0, 10.0)
+        lib = np.exp(rng.normal(prm["log_lib_mean"][c], prm["log_lib_sd"][c]))
+        ratio *= (lib / prm["lib_ref"][c])[:, None]
+        if zinb:
+            ratio *= prm["mu"][c]
+            x = _sample_zinb(ratio, prm["r"][c], prm["pi"][c], rng)
+        else:
+            ratio *= prm["mean"][c]
+            x = _sample_zinb(ratio, None, None, rng)
+        mask = x != 0
+        flat = np.flatnonzero(mask)
+        return (np.count_nonzero(mask, axis=1), (flat % n_genes).astype(np.int32),
+                x.ravel()[flat])
+
+    workers = threads or max(1, min(len(os.sched_getaffinity(0)), 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = []
+        for i, part in enumerate(pool.map(chunk, range(len(starts)))):
+            parts.append(part)
+            progress(min(1.0, (i + 1) * _ROWS_PER_CHUNK / max(n, 1)), "drawing cells")
+    return _assemble_csr(parts, (n, n_genes))  # fills one CSR, dropping chunks as it goes
+
+
 @register
 class DPNMFGenerator(Generator):
     """NMF programmes + k-means clusters + per-cluster count models, optionally DP."""
@@ -457,7 +625,7 @@ class DPNMFGenerator(Generator):
             units = rows.astype(str)
             self.unit_name = "cell"
             cap = 1
-        counts = _as_csr(train.X[rows])
+        counts = _counts_csr(train.X if len(rows) == n_all else train.X[rows])
         labels = None
         if cfg.cell_type_key and cfg.cell_type_key in train.obs:
             labels = train.obs[cfg.cell_type_key].astype(str).to_numpy()[rows]
@@ -482,18 +650,29 @@ class DPNMFGenerator(Generator):
         # 1. NMF on unit-norm rows of log1p(library-normalised counts)
         progress(0.05, "factorising (NMF)")
         x_in, scale = _unit_log_profiles(counts, cfg.target_sum)
-        if "nmf" in stages and cfg.nmf_dp_method == "centroids":
-            h = self._dp_centroid_basis(x_in, cap, multipliers["nmf"])
-        elif "nmf" in stages:
-            h = self._dp_nmf(x_in, units, cap, multipliers["nmf"])
-        else:
-            nmf = MiniBatchNMF(n_components=min(cfg.n_components, min(x_in.shape)),
-                               batch_size=cfg.nmf_batch_size, init="nndsvda",
-                               random_state=cfg.seed, max_iter=cfg.nmf_max_iter)
-            nmf.fit(x_in)
-            h = nmf.components_
-        h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-        w = _nnls_rows(x_in, h)
+        with _single_threaded_blas():
+            if "nmf" in stages and cfg.nmf_dp_method == "centroids":
+                h = self._dp_centroid_basis(x_in, cap, multipliers["nmf"])
+            elif "nmf" in stages:
+                h = self._dp_nmf(x_in, units, cap, multipliers["nmf"])
+            else:
+                k = min(cfg.n_components, min(x_in.shape))
+                x_fit = x_in  # H from at most nmf_fit_cells random cells: same work at any n
+                if x_in.shape[0] > cfg.nmf_fit_cells:
+                    pick = _rng(cfg.seed, "nmf_cells").choice(x_in.shape[0],
+                                                              cfg.nmf_fit_cells, replace=False)
+                    x_fit = x_in[np.sort(pick)]
+                w0, h0 = _nndsvda_start(x_fit, k, cfg.seed)
+                batches = -(-x_fit.shape[0] // cfg.nmf_batch_size)
+                nmf = MiniBatchNMF(n_components=k, batch_size=cfg.nmf_batch_size,
+                                   init="custom", random_state=cfg.seed,
+                                   max_iter=min(cfg.nmf_max_iter,
+                                                max(1, -(-cfg.nmf_steps // batches))),
+                                   tol=0.0, max_no_improvement=None)
+                nmf.fit(x_fit, W=w0, H=h0)
+                h = nmf.components_
+            h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+            w = _nnls_rows(x_in, h)
         # 2. clusters
         progress(0.5, "clustering the programme weights")
         direction = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
@@ -636,16 +815,20 @@ class DPNMFGenerator(Generator):
         """Exact per-cluster, per-gene statistics → count-model parameters (no DP)."""
         cfg = self.config
         counts, clusters, n_clusters = data.counts, data.clusters, data.n_clusters
-        lib = np.asarray(counts.sum(axis=1)).ravel()
-        q = sp.csr_matrix(sp.diags(1.0 / np.maximum(lib, 1.0)) @ counts)
+        lib = _library_sizes(counts)
         loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)
         n = np.maximum(np.bincount(clusters, minlength=n_clusters).astype(float), 1.0)
-        p = _cluster_sums(q, clusters, n_clusters) / n[:, None]
+        q_sum, q2_sum, det_sum = (np.zeros((n_clusters, counts.shape[1])) for _ in range(3))
+        for s, e, block in _float_blocks(counts):  # block by block: no full-size copies
+            q = sp.csr_matrix(sp.diags(1.0 / np.maximum(lib[s:e], 1.0)) @ block)
+            q_sum += _cluster_sums(q, clusters[s:e], n_clusters)
+            q2_sum += _cluster_sums(q.multiply(q).tocsr(), clusters[s:e], n_clusters)
+            det_sum += _cluster_sums((block > 0).astype(np.float64).tocsr(), clusters[s:e],
+                                     n_clusters)
+        p = q_sum / n[:, None]
         p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
-        eq2 = np.maximum(_cluster_sums(q.multiply(q).tocsr(), clusters, n_clusters)
-                         / n[:, None], p**2)
-        detected = np.clip(_cluster_sums((counts > 0).astype(np.float64).tocsr(), clusters,
-                                         n_clusters) / n[:, None], 0.0, 1.0)
+        eq2 = np.maximum(q2_sum / n[:, None], p**2)
+        detected = np.clip(det_sum / n[:, None], 0.0, 1.0)
         lmean = _cluster_sums(loglib[:, None], clusters, n_clusters)[:, 0] / n
         lvar = _cluster_sums(loglib[:, None] ** 2, clusters, n_clusters)[:, 0] / n - lmean**2
         wmean = _cluster_sums(data.w, clusters, n_clusters) / n[:, None]
@@ -677,7 +860,7 @@ class DPNMFGenerator(Generator):
         cfg = self.config
         rng = _rng(cfg.seed, "sampling")
         counts, clusters, n_clusters, cap = data.counts, data.clusters, data.n_clusters, data.cap
-        lib = np.asarray(counts.sum(axis=1)).ravel()
+        lib = _library_sizes(counts)
         loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)[:, None]
         w_rows = np.asarray(clip_rows_l2(data.w, cfg.w_l2_bound))
         scale_max = _max_profile_scale(data.target, counts.shape[1])
@@ -758,18 +941,21 @@ class DPNMFGenerator(Generator):
         """Per-gene NB shape and zero inflation pooled over clusters, from global DP sums."""
         cfg = self.config
         counts, cap = data.counts, data.cap
-        lib = np.asarray(counts.sum(axis=1)).ravel()
-        q = clip_rows_l2(sp.csr_matrix(sp.diags(1.0 / np.maximum(lib, 1.0)) @ counts),
-                         cfg.profile_l2_bound)
-        det = clip_rows_l2((counts > 0).astype(np.float64).tocsr(), cfg.detection_l2_bound)
-        everyone = np.zeros(counts.shape[0], dtype=int)
+        lib = _library_sizes(counts)
+        totals = np.zeros((3, counts.shape[1]))  # clipped proportions, their squares, detections
+        for s, e, block in _float_blocks(counts):  # rows are clipped one by one: exact in blocks
+            q = clip_rows_l2(sp.csr_matrix(sp.diags(1.0 / np.maximum(lib[s:e], 1.0)) @ block),
+                             cfg.profile_l2_bound)
+            det = clip_rows_l2((block > 0).astype(np.float64).tocsr(), cfg.detection_l2_bound)
+            totals[0] += np.asarray(q.sum(axis=0)).ravel()
+            totals[1] += np.asarray(q.multiply(q).sum(axis=0)).ravel()
+            totals[2] += np.asarray(det.sum(axis=0)).ravel()
         sigma = multiplier * cap * cfg.profile_l2_bound
-        q_sum = self._release("proportion sums", _cluster_sums(q, everyone, 1),
+        q_sum = self._release("proportion sums", totals[0][None],
                               cap * cfg.profile_l2_bound, multiplier, rng)[0]
-        q2_sum = self._release("proportion square sums",
-                               _cluster_sums(q.multiply(q).tocsr(), everyone, 1),
+        q2_sum = self._release("proportion square sums", totals[1][None],
                                cap * cfg.profile_l2_bound**2, multiplier, rng)[0]
-        det_sum = self._release("detections", _cluster_sums(det, everyone, 1),
+        det_sum = self._release("detections", totals[2][None],
                                 cap * cfg.detection_l2_bound, multiplier, rng)[0]
         share = weights / max(weights.sum(), 1e-12)
         n_total = max(float(weights.sum()), 1.0)
@@ -819,28 +1005,8 @@ class DPNMFGenerator(Generator):
         probs = prm["weights"] / prm["weights"].sum() if self.config.proportion_aware \
             else np.full(k, 1.0 / k)
         clusters = rng.choice(k, size=n, p=probs)
-        base = prm["w_mean"] @ self.h
-        zinb = self.config.sampling_method == "zinb"
-        parts = []
-        for start in range(0, n, 512):
-            c = clusters[start:start + 512]
-            wc = np.maximum(rng.normal(prm["w_mean"][c], prm["w_sd"][c]), 0.0)
-            # genes outside every programme (base ≈ 0) keep their cluster mean
-            ratio = np.clip((wc @ self.h + 1e-6) / (base[c] + 1e-6), 0.0, 10.0)
-            lib = np.exp(rng.normal(prm["log_lib_mean"][c], prm["log_lib_sd"][c]))
-            scale = ratio * (lib / prm["lib_ref"][c])[:, None]
-            if zinb:
-                shape = prm["r"][c]
-                lam = rng.gamma(shape, prm["mu"][c] * scale / shape)
-                x = rng.poisson(lam)
-                x[rng.random(x.shape) < prm["pi"][c]] = 0
-            else:
-                x = rng.poisson(prm["mean"][c] * scale)
-            parts.append(sp.csr_matrix(x.astype(np.int32)))
-            progress(min(1.0, (start + len(c)) / max(n, 1)), "drawing cells")
-        x_all = sp.vstack(parts, format="csr") if parts else \
-            sp.csr_matrix((0, len(self.gene_names)), dtype=np.int32)
-        x_all = sp.csr_matrix(x_all, dtype=np.int32)
+        x_all = _draw_cells(prm, self.h, clusters, int(seed),
+                            zinb=self.config.sampling_method == "zinb", progress=progress)
         obs = pd.DataFrame({
             "cluster": pd.Categorical([str(c) for c in clusters]),
             "cell_type": pd.Categorical([self.cluster_labels[c] for c in clusters]),
