@@ -139,7 +139,7 @@ class DPNMFConfig:
         "help": "Privacy budget split across every DP release (budget 'total')."})
     epsilon_nmf: float = field(default=1.0, metadata={
         "label": "ε of the NMF", "min": 0.01, "max": 100.0, "privacy": True,
-        "help": "Budget of the DP-SGD basis (budget 'per_stage'; the seed's eps_nmf)."})
+        "help": "Budget of the DP basis H (budget 'per_stage'; the seed's eps_nmf)."})
     epsilon_kmeans: float = field(default=1.0, metadata={
         "label": "ε of k-means", "min": 0.01, "max": 100.0, "privacy": True,
         "help": "Budget of the DP Lloyd iterations (the seed's eps_kmeans)."})
@@ -200,11 +200,6 @@ class DPNMFConfig:
 def _rng(seed: int, stage: str) -> np.random.Generator:
     """A generator per stage, so one stage's draws never shift another's."""
     return np.random.default_rng([int(seed), _STAGE_SEEDS[stage]])
-
-
-def _as_csr(matrix: Any) -> sp.csr_matrix:
-    """Return ``matrix`` as a float64 CSR matrix (sparse input stays sparse)."""
-    return sp.csr_matrix(matrix, dtype=np.float64)
 
 
 _ROW_BLOCK = 16_384  # rows per block: a block's float64 temporaries stay ~0.3 GB at 2k genes
@@ -568,6 +563,7 @@ class DPNMFGenerator(Generator):
         self.delta_used: float = 0.0
         self.unit_name: str = "cell"
         self.accountant = Accountant()
+        self._spend: dict[str, Any] | None = None
         self.train_clusters: np.ndarray | None = None  # kept in memory for inspection
         self._basis_genes: np.ndarray | None = None  # genes the DP centroid basis chose
 
@@ -580,7 +576,7 @@ class DPNMFGenerator(Generator):
     def privacy_label(self) -> str:
         if not self._stages():
             return "not private"
-        eps = self.accountant.epsilon(self.delta_used)
+        eps = self.privacy_spend()["epsilon"]
         text = f"DP (ε={eps:.2g}, δ={self.delta_used:.1g}, unit={self.unit_name})"
         if self.config.dp != "all":
             text = (f"not private: only the {self.config.dp} stage is noised "
@@ -590,13 +586,9 @@ class DPNMFGenerator(Generator):
     def privacy_spend(self) -> dict[str, Any]:
         if not self._stages():
             return {}
-        return self.accountant.spend(self.delta_used)
-
-    def _planned_releases(
-        self, n_units: int, n_labels: int
-    ) -> list[tuple[str, str, int, float | None]]:
-        return [r for stage in STAGES if stage in self._stages()
-                for r in stage_releases(self.config, stage, n_units=n_units, n_labels=n_labels)]
+        if self._spend is None:  # composing every release (PLD) is slow: once per model
+            self._spend = self.accountant.spend(self.delta_used)
+        return self._spend
 
     # ----------------------------------------------------------------- fit
     def fit(self, train: ad.AnnData | None, *, progress: Progress = no_progress) -> None:
@@ -640,6 +632,7 @@ class DPNMFGenerator(Generator):
         n_units = len(np.unique(units))
 
         self.accountant = Accountant()
+        self._spend = None
         self._basis_genes = None
         multipliers: dict[str, float] = {}
         if stages:
@@ -1039,6 +1032,7 @@ class DPNMFGenerator(Generator):
         self.delta_used = float(state["delta"])
         self.unit_name = state["unit"]
         self.accountant = Accountant(method=state["method"])
+        self._spend = None
         for rel in state["releases"]:
             self.accountant.gaussian(rel["name"], noise_multiplier=rel["noise_multiplier"],
                                      count=rel["count"], sampling_rate=rel["sampling_rate"])
