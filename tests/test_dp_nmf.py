@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator, plan_privacy
+from engine.generators.dp_nmf import (
+    DPNMFConfig,
+    DPNMFGenerator,
+    _proportions_from_log_means,
+    _shrunk_profiles,
+    plan_privacy,
+)
 from tests.conftest import KANG, PBMC_SMALL
 
 pytestmark = [pytest.mark.shared_data,
@@ -171,6 +177,38 @@ def test_clusters_from_cell_types_cost_no_budget(kang: ad.AnnData) -> None:
     assert model.cluster_labels == types
     assert np.array_equal(np.asarray(types)[model.train_clusters],
                           kang.obs["cell_type"].astype(str).to_numpy())
+    assert not any(name.startswith("basis") for name in names)  # no basis is fitted
     plan = plan_privacy(model.config, n_units=kang.n_obs, n_labels=len(types))
-    assert plan.stages == ("nmf", "sampling")
+    assert plan.stages == ("sampling",)
     assert model.privacy_spend()["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+
+
+def test_dp_log_library_release_uses_the_centred_bound(kang: ad.AnnData) -> None:
+    model = _fit(kang, dp="sampling", log_library_min=5.0, log_library_max=12.0)
+    assert "profile pooled sums" in {r["name"] for r in model.privacy_spend()["releases"]}
+    lib = np.exp(model.params["log_lib_mean"])
+    assert np.all((lib >= np.exp(5.0)) & (lib <= np.exp(12.0)))
+    assert np.allclose(model.params["log_lib_sd"], model.params["log_lib_sd"][0])  # pooled
+
+
+def test_shrunk_profiles_keep_clear_signal_and_pool_noise() -> None:
+    rng = np.random.default_rng(0)
+    sizes = np.array([400.0, 300.0, 5.0])
+    truth = np.full((3, 200), 0.05)
+    truth[0, :10], truth[1, 10:20] = 0.3, 0.3  # markers of the two large clusters
+    sums = truth * sizes[:, None] + rng.normal(0.0, 1.0, truth.shape)
+    pooled = (truth * sizes[:, None]).sum(axis=0) + rng.normal(0.0, 1.0, 200)
+    est = _shrunk_profiles(sums, sizes, 1.0, pooled)
+    assert np.all(est >= 0)
+    assert est[0, :10].mean() > 0.25 and est[1, 10:20].mean() > 0.25
+    assert np.abs(est[2, 20:] - est[:, 20:].mean(axis=0)).max() < 0.05  # tiny cluster pooled
+
+
+def test_proportions_from_log_means_invert_poisson_log_means() -> None:
+    rng = np.random.default_rng(0)
+    p = np.array([[1e-4, 1e-3, 1e-2, 0.05]])
+    lib = np.array([2000.0])
+    counts = rng.poisson(p * lib[0], size=(20000, 4))
+    log_means = np.log1p(1e4 * counts / lib[0]).mean(axis=0, keepdims=True)
+    back = _proportions_from_log_means(log_means, lib, 1e4)
+    assert np.allclose(back, p, rtol=0.1)

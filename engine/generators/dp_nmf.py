@@ -34,12 +34,15 @@ Method (each choice documented here, read by the Train page's help):
    With DP, every statistic is a clipped sum plus Gaussian noise: cluster sizes; the sums
    of the unit-norm log profiles (each cell uses its whole L2 budget of 1, about ten times
    the signal of proportions at the same noise; with a DP centroid basis, restricted to
-   the basis's DP-selected genes and rescaled to norm 1), projected onto the cone of H
-   to denoise and mapped back to proportions through ``expm1`` at the released mean
-   profile scale;
-   sums of log L and its square; of W and W². ZINB's dispersion and zero inflation are
-   pooled per gene over clusters from global noisy sums (shrunk to Poisson where a gene's
-   sum is within 3 noise sds of zero).
+   the basis's DP-selected genes and rescaled to norm 1), plus one pooled sum over all
+   cells; a cluster keeps the pooled profile except on genes whose deviations are jointly
+   significant, shrunk by their noise (post-processing), and the mean log profile is mapped
+   back to proportions by inverting ``E[log1p]`` of Poisson counts at the cluster's library
+   size; sums of the clipped, centred log L per cluster and of its square over all cells
+   (one pooled spread); of W and W². With clusters from cell types and every stage DP the
+   basis feeds nothing released, so none is fitted (no budget). ZINB's dispersion and
+   zero inflation are pooled per gene over clusters from global noisy sums (shrunk to
+   Poisson where a gene's sum is within 3 noise sds of zero).
 5. **Sampling.** Cluster drawn ∝ (noisy) size (``proportion_aware``) or uniformly. A cell's
    w ~ N(mean_c, sd_c) per component, clipped ≥ 0; its per-gene rate is the cluster's mean
    times ``(w H)_g / (w̄_c H)_g`` (clipped to [0, 10]): the cell's expression relative to
@@ -186,6 +189,10 @@ class DPNMFConfig:
     detection_l2_bound: float = field(default=40.0, metadata={
         "label": "Detection clip (L2)", "min": 1.0, "max": 1000.0, "privacy": True,
         "help": "Bound on a cell's detected-gene indicator vector."})
+    log_library_min: float = field(default=5.0, metadata={
+        "label": "Min log library size (DP)", "min": 0.0, "max": 19.0, "privacy": True,
+        "help": "Under DP, log library sizes are clipped to [this, max] and centred, so "
+        "one cell moves their sums by half the range, not the whole maximum."})
     log_library_max: float = field(default=12.0, metadata={
         "label": "Max log library size", "min": 1.0, "max": 20.0, "privacy": True,
         "help": "log library sizes are clipped to [0, this]."})
@@ -331,6 +338,57 @@ def _max_profile_scale(target: float, n_genes: int) -> float:
     return float(np.max(np.sqrt(k) * np.log1p(target / k)))
 
 
+def _shrunk_profiles(sums: np.ndarray, sizes: np.ndarray, sigma: float,
+                     pooled_release: np.ndarray) -> np.ndarray:
+    """Per-cluster mean profiles from noisy per-cluster sums (noise sd ``sigma`` per entry)
+    and one noisy pooled sum over all cells (same sd): post-processing of DP releases only.
+
+    The pooled mean (both estimates of the pooled sum, inverse-variance weighted) is kept
+    where it is more than ``_POOLED_SDS`` noise sds above zero (and on the ``_MIN_GENES``
+    largest, so heavy noise never leaves an empty profile). A cluster departs from it only
+    on genes whose deviations over the clusters are jointly significant (a χ² score more than
+    ``_SELECT_Z`` sds above its null mean), shrunk by ``τ² / (τ² + noise variance)`` with
+    τ² the gene's between-cluster variance net of noise. Small clusters thus stay near the
+    pooled profile instead of carrying their noise into every synthetic cell."""
+    k = sums.shape[0]
+    n_total = max(float(sizes.sum()), 1.0)
+    pooled = (pooled_release + sums.sum(axis=0) / k) / (1.0 + 1.0 / k)
+    pooled_sd = sigma / np.sqrt(1.0 + 1.0 / k)
+    keep = pooled > _POOLED_SDS * pooled_sd
+    keep[np.argsort(-pooled)[:_MIN_GENES]] = True  # never an empty profile under heavy noise
+    overall = np.where(keep, np.maximum(pooled, 0.0), 0.0) / n_total
+    deviation = sums / sizes[:, None] - overall[None]
+    noise_var = (sigma / sizes) ** 2
+    chi = (deviation**2 / noise_var[:, None]).sum(axis=0)
+    selected = (chi - k) / np.sqrt(2.0 * k) > _SELECT_Z
+    tau2 = np.maximum((sizes / n_total) @ (deviation**2 - noise_var[:, None]), 0.0)
+    weight = selected[None] * tau2[None] / np.maximum(tau2[None] + noise_var[:, None], 1e-300)
+    return np.maximum(overall[None] + weight * deviation, 0.0)
+
+
+def _proportions_from_log_means(log_means: np.ndarray, libraries: np.ndarray,
+                                target: float) -> np.ndarray:
+    """Proportions p per cluster and gene such that ``E[log1p(target X / L)]`` equals
+    ``log_means`` for X ~ Poisson(p L) at the cluster's library size L (a monotone function
+    of p, tabulated and inverted). Unlike ``expm1`` of the mean log value, this keeps a gene
+    seen in a few cells at its right mean. Pure post-processing."""
+    from scipy.stats import poisson
+
+    out = np.zeros_like(log_means)
+    mu_grid = np.concatenate([[0.0], np.logspace(-4, 5, 400)])
+    k = np.arange(0, 121)[:, None]
+    for c, lib in enumerate(libraries):
+        a = target / max(lib, 1.0)
+        small = mu_grid <= 30
+        g = np.empty_like(mu_grid)
+        g[small] = (poisson.pmf(k, mu_grid[small][None]) * np.log1p(a * k)).sum(axis=0)
+        mu = mu_grid[~small]
+        g[~small] = np.log1p(a * mu) - a**2 * mu / (2 * (1 + a * mu) ** 2)
+        g = np.maximum.accumulate(g)
+        out[c] = np.interp(log_means[c], g, mu_grid) / max(lib, 1.0)
+    return out
+
+
 @dataclass
 class _ClusterData:
     """What the summary step needs of the fitted cells."""
@@ -347,6 +405,11 @@ class _ClusterData:
     target: float
 
 
+_POOLED_SDS = 3.0  # the pooled DP profile keeps genes this many noise sds above zero
+_SELECT_Z = 5.0  # a gene's per-cluster deviations are used above this χ² z-score
+_MIN_GENES = 50  # the pooled DP profile keeps at least this many (largest) genes
+
+
 # Scalar releases (counts, library-size moments) carry a signal of one per cell in every
 # cluster, so they get this many times the noise of the others and cost ~1/9 as much budget.
 NOISE_FACTORS = {"basis counts": 3.0, "kmeans counts": 3.0, "cluster sizes": 3.0,
@@ -358,6 +421,8 @@ def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
                    n_labels: int) -> list[tuple[str, str, int, float | None, float]]:
     """The releases (name, mechanism, count, sampling rate, noise factor) one DP stage
     makes; a release's noise multiplier is its stage's multiplier times the factor."""
+    if stage == "nmf" and _basis_unused(config):
+        return []
     if stage == "nmf" and config.nmf_dp_method == "centroids":
         names = [("basis gene sums", 1), ("basis counts", config.kmeans_iterations),
                  ("basis sums", config.kmeans_iterations), ("basis profiles", 1)]
@@ -371,7 +436,8 @@ def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
                  ("kmeans sums", config.kmeans_iterations)]
     else:
         names = [(name, 1) for name in ("cluster sizes", "profile sums", "log library sums",
-                                         "log library square sums", "profile scale")]
+                                         "log library square sums", "profile scale",
+                                         "profile pooled sums")]
         if config.dp not in ("nmf", "all"):  # with a DP basis the weights' spread is unused
             names += [("W sums", 1), ("W square sums", 1)]
         if n_labels and config.clusters_from != "cell_type":
@@ -380,6 +446,13 @@ def stage_releases(config: DPNMFConfig, stage: str, *, n_units: int,
             names += [("proportion sums", 1), ("proportion square sums", 1), ("detections", 1)]
     return [(name, "gaussian", count, None, NOISE_FACTORS.get(name, 1.0))
             for name, count in names]
+
+
+def _basis_unused(config: DPNMFConfig) -> bool:
+    """With every stage DP and clusters from the cell types, the basis would feed nothing
+    that is released (the programme spread is off and the profiles are released per gene),
+    so it is not fitted and costs no budget; H is a data-independent placeholder."""
+    return config.dp == "all" and config.clusters_from == "cell_type"
 
 
 @dataclass
@@ -644,7 +717,10 @@ class DPNMFGenerator(Generator):
         progress(0.05, "factorising (NMF)")
         x_in, scale = _unit_log_profiles(counts, cfg.target_sum)
         with _single_threaded_blas():
-            if "nmf" in stages and cfg.nmf_dp_method == "centroids":
+            if "nmf" in stages and _basis_unused(cfg):
+                k = min(cfg.n_components, min(x_in.shape))
+                h = np.ones((k, x_in.shape[1]))
+            elif "nmf" in stages and cfg.nmf_dp_method == "centroids":
                 h = self._dp_centroid_basis(x_in, cap, multipliers["nmf"])
             elif "nmf" in stages:
                 h = self._dp_nmf(x_in, units, cap, multipliers["nmf"])
@@ -845,16 +921,23 @@ class DPNMFGenerator(Generator):
 
         The gene-level release per cluster is the sum of the cells' unit-norm log profiles
         (the NMF input): every cell uses its whole L2 budget of 1, unlike proportions
-        ``x / library`` (norm ≈ 0.1), so the same noise carries ~10× more signal. The mean
-        profile is mapped back to proportions through ``expm1`` at the released average
-        profile scale. ZINB's dispersion and zero inflation are pooled over clusters per gene
+        ``x / library`` (norm ≈ 0.1), so the same noise carries ~10× more signal; one more
+        release sums them over all cells. :func:`_shrunk_profiles` denoises the cluster means
+        toward the pooled one and :func:`_proportions_from_log_means` maps them back to
+        proportions at the cluster's library size (both post-processing). Log library sizes
+        are clipped to [``log_library_min``, ``log_library_max``] and centred (sensitivity
+        half the range); their square is released pooled, so every cluster shares one spread,
+        and the cluster means are shrunk toward the pooled mean by their noise. ZINB's
+        dispersion and zero inflation are pooled over clusters per gene
         from three global releases (proportions, their squares, detections), and shrunk to
         Poisson where a gene's released sum is within 3 noise sds of zero."""
         cfg = self.config
         rng = _rng(cfg.seed, "sampling")
         counts, clusters, n_clusters, cap = data.counts, data.clusters, data.n_clusters, data.cap
         lib = _library_sizes(counts)
-        loglib = np.clip(np.log(np.maximum(lib, 1.0)), 0.0, cfg.log_library_max)[:, None]
+        lo = cfg.log_library_min  # log L clipped to [lo, max], centred: a smaller bound
+        centre, half = (lo + cfg.log_library_max) / 2, (cfg.log_library_max - lo) / 2
+        loglib = np.clip(np.log(np.maximum(lib, 1.0)), lo, cfg.log_library_max)[:, None] - centre
         w_rows = np.asarray(clip_rows_l2(data.w, cfg.w_l2_bound))
         scale_max = _max_profile_scale(data.target, counts.shape[1])
         # With a DP centroid basis, the profiles are released on the basis's DP-selected
@@ -866,12 +949,10 @@ class DPNMFGenerator(Generator):
         kept = np.sqrt(np.asarray(profiles.multiply(profiles).sum(axis=1)).ravel())
         profiles = sp.csr_matrix(sp.diags(1.0 / np.maximum(kept, 1e-12)) @ profiles)
         cell_scale = data.scale * kept
-        h_genes = h[:, genes]
         blocks: list[tuple[str, Any, float]] = [
             ("cluster sizes", np.ones((len(clusters), 1)), 1.0),
             ("profile sums", profiles, 1.0),
-            ("log library sums", loglib, cfg.log_library_max),
-            ("log library square sums", loglib**2, cfg.log_library_max**2),
+            ("log library sums", loglib, half),
         ]
         private_basis = cfg.dp in ("nmf", "all")
         if not private_basis:
@@ -886,29 +967,31 @@ class DPNMFGenerator(Generator):
                                        cap * bound, multiplier, rng)
         everyone = np.zeros(len(clusters), dtype=int)
         scale = np.clip(cell_scale, 0.0, scale_max)[:, None]
+        pooled_profile = self._release("profile pooled sums",
+                                       _cluster_sums(profiles, everyone, 1), float(cap),
+                                       multiplier, rng)[0]
+        loglib_sq = self._release("log library square sums",
+                                  _cluster_sums(loglib**2, everyone, 1), cap * half**2,
+                                  multiplier, rng)[0, 0]
         total_scale = self._release("profile scale", _cluster_sums(scale, everyone, 1),
                                     cap * scale_max, multiplier, rng)[0, 0]
         n = np.maximum(sums["cluster sizes"][:, 0], 1.0)
         n_total = max(float(sums["cluster sizes"].sum()), 1.0)
         mean_scale = float(np.clip(total_scale / n_total, 1.0, scale_max))
-        # The noisy mean profiles are projected onto the cone of the programmes (H):
-        # G noisy numbers per cluster become k, which removes most of the noise. Genes
-        # outside every programme keep their noisy mean where the pooled sum shows they are
-        # expressed (more than 3 noise sds above zero), else 0.
-        raw = np.maximum(sums["profile sums"], 0.0) / n[:, None]
-        log_profile = _nnls_rows(sp.csr_matrix(raw), h_genes, iterations=200) @ h_genes
-        sigma = multiplier * cap
-        expressed = sums["profile sums"].sum(axis=0) > 3.0 * sigma * np.sqrt(n_clusters)
-        outside = h_genes.sum(axis=0) <= 1e-9
-        log_profile[:, outside] = (raw * expressed[None])[:, outside]
-        log_profile /= np.maximum(np.linalg.norm(log_profile, axis=1, keepdims=True), 1e-12)
-        p = np.zeros((n_clusters, counts.shape[1]))
-        p[:, genes] = np.expm1(mean_scale * log_profile)
-        p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
-        lmean = np.clip(sums["log library sums"][:, 0] / n, 0.0, cfg.log_library_max)
-        lvar = sums["log library square sums"][:, 0] / n - lmean**2
-        lsd = np.sqrt(np.clip(lvar, 0.05**2, 4.0))
+        n_all = max(float(n.sum()), 1.0)
+        lmean = sums["log library sums"][:, 0] / n
+        g_mean = float(np.clip(sums["log library sums"].sum() / n_all, -half, half))
+        lsd = np.full(n_clusters, np.sqrt(np.clip(loglib_sq / n_all - g_mean**2, 0.05**2, 4.0)))
+        noise = (multiplier * NOISE_FACTORS["log library sums"] * cap * half / n) ** 2
+        tau2 = max(float((n / n_all) @ ((lmean - g_mean) ** 2 - noise)), 0.0)
+        lmean = np.clip(g_mean + (lmean - g_mean) * tau2 / (tau2 + noise), -half, half) + centre
         lib_ref = np.exp(lmean + lsd**2 / 2)
+        sigma = multiplier * cap
+        log_profile = _shrunk_profiles(sums["profile sums"], n, sigma, pooled_profile)
+        p = np.zeros((n_clusters, counts.shape[1]))
+        p[:, genes] = _proportions_from_log_means(mean_scale * log_profile, lib_ref,
+                                                  data.target)
+        p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
         if private_basis:  # the programme spread is switched off with a DP basis
             wmean = wsd = np.zeros((n_clusters, h.shape[0]))
         else:
