@@ -237,9 +237,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     context = _context(args)
     config = _config_from_args(args)
     dataset_id = _resolve_dataset(args, context, args.dataset) if args.dataset else None
+    generator = args.generator or args.generator_name
+    if not generator:
+        raise UserFacingError("Name the generator to train, e.g. `train cae` or "
+                              "`train --generator dp-nmf` (see `generators`).")
     result = train_generator(
         {
-            "generator": args.generator,
+            "generator": generator,
             "config": config,
             "seed": args.seed,
             "dataset_id": dataset_id,
@@ -287,6 +291,48 @@ def cmd_privacy_sweep(args: argparse.Namespace) -> int:
                             "generator": args.generator, "config": _config_from_args(args),
                             "seed": args.seed, "max_cells": args.max_cells}, context)
     _print(load_sweep(context.workspace, result["sweep_id"]))
+    return 0
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """Parse ``NAME=VALUE`` items; UserFacingError naming ``what`` for one without '='."""
+    pairs = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserFacingError(f"Write {what} as NAME=VALUE, not {item!r}.")
+        pairs[name] = value
+    return pairs
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    """Counterfactual cells of a cycle-autoencoder run, with their analysis."""
+    from engine.evaluate.counterfactual import CounterfactualResult
+    from engine.tasks import counterfactual
+
+    context = _context(args)
+    selection = {k: v.split("|") for k, v in _pairs(args.cells, "--cells").items()}
+    names: list[str] = []
+    if args.cell_names:
+        try:
+            names = [n.strip() for n in Path(args.cell_names).read_text().splitlines()
+                     if n.strip()]
+        except OSError as exc:
+            raise UserFacingError(f"Cannot read {args.cell_names}: {exc.strerror}.") from exc
+    result = counterfactual({"run_key": args.run, "selection": selection, "cells": names,
+                             "changes": _pairs(args.set, "--set"), "seed": args.seed,
+                             "max_cells": args.max_cells}, context)
+    folder = context.workspace.evaluation_dir(args.run, result["counterfactual_id"],
+                                              kind="counterfactuals")
+    loaded = CounterfactualResult.load(folder)
+    if args.out:
+        from engine.store import write_h5ad_atomic
+
+        write_h5ad_atomic(loaded.cells, Path(args.out))
+    top = loaded.genes.head(10)
+    _print({**result, "folder": str(folder), "closeness": loaded.closeness,
+            "top_genes": {g: round(float(v), 3) for g, v in top["log2_fold_change"].items()},
+            "head_norms": loaded.head_norms})
     return 0
 
 
@@ -612,7 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generators)
 
     p = sub.add_parser("train", help="train a generator and sample synthetic cells")
-    p.add_argument("--generator", required=True)
+    p.add_argument("generator_name", nargs="?", metavar="GENERATOR",
+                   help="generator name (see `generators`), e.g. cae or dp-nmf")
+    p.add_argument("--generator", help="the generator name (same as GENERATOR)")
     p.add_argument("--dataset", help="dataset id or path")
     p.add_argument("--split", help="split id (from `split`)")
     p.add_argument("--config", help="JSON config file")
@@ -671,6 +719,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cells", type=int, default=4000)
     p.set_defaults(func=cmd_privacy_sweep)
+
+    p = sub.add_parser("counterfactual",
+                       help="cycle autoencoder: chosen cells of a run's dataset in new contexts")
+    p.add_argument("--run", required=True, help="run key of a trained cycle autoencoder")
+    p.add_argument("--cells", nargs="*", metavar="COLUMN=VALUE[|VALUE...]",
+                   help="which cells, e.g. cell_type='CD14+ Monocytes' condition=ctrl "
+                   "(all must match; default: every cell)")
+    p.add_argument("--cell-names", help="a text file with one cell name per line")
+    p.add_argument("--set", nargs="+", required=True, metavar="FIELD=VALUE",
+                   help="the new contexts, e.g. condition=stim")
+    p.add_argument("--max-cells", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the counterfactual cells (.h5ad) here")
+    p.set_defaults(func=cmd_counterfactual)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

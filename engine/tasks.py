@@ -301,8 +301,9 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
     started = time.time()
     log_lines: list[str] = []
 
-    def report(fraction: float, message: str = "") -> None:
-        context.progress(0.05 + 0.45 * fraction, message or "fitting")
+    def report(fraction: float, message: str = "", *,
+               metrics: dict[str, float] | None = None) -> None:
+        context.progress(0.05 + 0.45 * fraction, message or "fitting", metrics=metrics)
         if message:
             log_lines.append(f"{time.time() - started:8.2f}s fit {message}")
 
@@ -440,6 +441,73 @@ def privacy_sweep(params: dict[str, Any], context: Context) -> dict[str, Any]:
     return run_sweep(params, context)
 
 
+def load_model(workspace: Workspace, run_key: str) -> Any:
+    """Return the fitted generator of a stored run (read from ``runs/<key>/model``)."""
+    from engine.generators.registry import get_generator
+
+    run = workspace.get_run(run_key)
+    if run is None:
+        raise UserFacingError("That run is no longer in the workspace; train it again.")
+    try:
+        generator_cls = get_generator(run.generator)
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
+    return generator_cls.load(workspace.run_dir(run_key) / "model")
+
+
+def counterfactual(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Predict chosen cells of a run's dataset in new contexts, and analyse the change.
+
+    params: ``run_key``, ``changes`` ({field: new value}), and the cells: ``selection``
+    ({column: [values]}, all must match) and/or ``cells`` (cell names); optional ``seed``,
+    ``max_cells`` (a seeded random subset of the selection, default 5000). Cached: writes
+    ``runs/<key>/counterfactuals/<id>/`` (``cells.h5ad``, ``genes.csv``, ``heads.csv``,
+    ``embedding.parquet``, ``summary.json``) once per request.
+    """
+    from engine.evaluate.counterfactual import analyse, select_cells
+    from engine.store import stable_hash
+
+    workspace = context.workspace
+    run = workspace.get_run(params["run_key"])
+    if run is None:
+        raise UserFacingError("That run is no longer in the workspace; train it again.")
+    changes = {str(k): str(v) for k, v in (params.get("changes") or {}).items()}
+    request = {"selection": params.get("selection") or {}, "cells": params.get("cells") or [],
+               "changes": changes, "seed": int(params.get("seed", 0)),
+               "max_cells": int(params.get("max_cells", 5000))}
+    result_id = stable_hash(request, length=12)
+    folder = workspace.evaluation_dir(run.key, result_id, kind="counterfactuals")
+    if (folder / "summary.json").exists():
+        context.progress(1.0, "found the stored counterfactual")
+        return {"run_key": run.key, "counterfactual_id": result_id, "cached": True,
+                "message": "Returned the stored counterfactual."}
+    context.progress(0.05, "loading the model")
+    model = load_model(workspace, run.key)
+    if not getattr(model.capabilities, "counterfactual", False):
+        raise UserFacingError(f"{model.label} cannot make counterfactuals; train a cycle "
+                              "autoencoder.")
+    if not run.dataset_id or workspace.get_dataset(run.dataset_id) is None:
+        raise UserFacingError("The run's dataset is no longer in the workspace.")
+    context.progress(0.1, "choosing the cells")
+    real = workspace.load_dataset(run.dataset_id)
+    rows = select_cells(real.obs, request["selection"], request["cells"])
+    if rows.size > request["max_cells"]:
+        rng = np.random.default_rng(request["seed"])
+        rows = np.sort(rng.choice(rows, size=request["max_cells"], replace=False))
+    context.progress(0.3, f"decoding {rows.size:,} cells in the new contexts")
+    result = analyse(model, real[rows], changes, real=real, seed=request["seed"])
+    context.progress(0.9, "writing the counterfactual")
+    result.summary["request"] = request
+    with workspace.building_evaluation(run.key, result_id, kind="counterfactuals") as scratch:
+        result.save(scratch)
+    context.progress(1.0, "counterfactual stored")
+    closeness = result.closeness.get("counterfactual")
+    extra = (f"; R² of mean expression vs real target cells {closeness['r2_all']:.3f}"
+             if closeness else "")
+    return {"run_key": run.key, "counterfactual_id": result_id, "cached": False,
+            "message": f"Made {rows.size:,} counterfactual cells{extra}."}
+
+
 TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
 
 TASKS: dict[str, TaskFn] = {
@@ -449,6 +517,7 @@ TASKS: dict[str, TaskFn] = {
     "train": train_generator,
     "evaluate": evaluate_run,
     "privacy_sweep": privacy_sweep,
+    "counterfactual": counterfactual,
 }
 
 

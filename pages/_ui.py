@@ -90,6 +90,7 @@ PAGES = (
     ("pages/mock.py", "Mock data", ":material/science:"),
     ("pages/privacy.py", "Privacy", ":material/shield_lock:"),
     ("pages/train.py", "Train", ":material/model_training:"),
+    ("pages/counterfactual.py", "Counterfactual", ":material/swap_horiz:"),
     ("pages/compare.py", "Compare", ":material/compare:"),
     ("pages/jobs.py", "Jobs", ":material/schedule:"),
 )

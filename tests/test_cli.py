@@ -454,7 +454,7 @@ def test_mock_bad_scenario(workspace: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         pytest.param(["train", "--generator", "nope"],
-                     "Unknown generator 'nope'; known generators: dp-nmf, mock.",
+                     "Unknown generator 'nope'; known generators: cae, dp-nmf, mock.",
                      id="unknown-generator"),
         pytest.param(["train", "--generator", "mock", "--split", "deadbeef"],
                      "There is no split deadbeef in the workspace; make one on the Split page "
@@ -517,3 +517,35 @@ def test_generate_split_indices_then_data_splits(workspace: Path, tmp_path: Path
     full = ad.read_h5ad(KANG)
     assert (train.X != full[train_ids].X).nnz == 0  # counts carried over unchanged
     assert_workspace_empty(workspace)
+
+
+# --------------------------------------------------------------------------- cae
+@pytest.mark.shared_data
+def test_train_cae_then_counterfactual(
+    kang: dict[str, Any], kang_split: dict[str, Any], tmp_path: Path
+) -> None:
+    """`train cae` (generator named positionally) and `counterfactual --run --cells --set`."""
+    ws, split_id = kang["ws"], kang_split["split_id"]
+    out = cli_json(ws, "train", "cae", "--dataset", kang["id"], "--split", split_id,
+                   "--set", "epochs=3", "n_genes=300")
+    meta = json.loads((Path(out["folder"]) / "meta.json").read_text())
+    assert meta["generator"] == "cae" and meta["n_genes"] == 300
+    assert meta["config"]["condition_key"] == "condition"  # from the dataset's roles
+    target = tmp_path / "b_stim.h5ad"
+    result = cli_json(ws, "counterfactual", "--run", out["run_key"], "--cells",
+                      "cell_type=B cells", "condition=ctrl", "--set", "condition=stim",
+                      "--out", target)
+    n_b_ctrl = int(((read_obs(KANG)["cell_type"] == "B cells")
+                    & (read_obs(KANG)["condition"] == "ctrl")).sum())
+    cells = ad.read_h5ad(target)
+    assert cells.n_obs == n_b_ctrl and (cells.obs["condition"] == "stim").all()
+    assert (cells.obs["source_condition"] == "ctrl").all()
+    assert result["closeness"]["n_real_target_cells"] > 50
+    assert len(result["top_genes"]) == 10
+    assert set(result["head_norms"]) == {"base", "condition", "cell_type"}
+    bad = cli(ws, "counterfactual", "--run", out["run_key"], "--cells", "cell_type=B cells",
+              "--set", "condition=heat", expect=2)
+    assert "The model never saw condition = heat; known values: ctrl, stim." in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = cli(ws, "train", "--dataset", kang["id"], "--split", split_id, expect=2)
+    assert "Name the generator to train" in missing.stderr

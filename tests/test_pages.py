@@ -438,7 +438,8 @@ def test_mock_page_generates_previews_and_makes_current(
 def test_train_page_lists_the_mock_generator(ws: Workspace) -> None:
     at = run(page("train"))
     generator = at.selectbox(key="generator")
-    assert generator.options == ["Multimodal mock", "DP-NMF (CAMDA blue team)"]
+    assert generator.options == ["Multimodal mock", "DP-NMF (CAMDA blue team)",
+                                 "Cycle autoencoder (counterfactual)"]
     assert generator.value == "mock"
     capabilities = next(m for m in texts(at.markdown) if m.startswith("`modalities"))
     assert capabilities == "`modalities: rna, atac, adt` `not private` `trains without a split`"

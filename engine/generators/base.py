@@ -19,10 +19,13 @@ from typing import Any, ClassVar
 import anndata as ad
 import pandas as pd
 
-Progress = Callable[[float, str], None]
+# progress(fraction, message, metrics=None): generators that train in epochs also pass
+# ``metrics`` (a dict of numbers) for live curves.
+Progress = Callable[..., None]
 
 
-def no_progress(fraction: float, message: str = "") -> None:
+def no_progress(fraction: float, message: str = "", *,
+                metrics: dict[str, float] | None = None) -> None:
     """A progress callback that ignores what it is told."""
 
 

@@ -14,7 +14,8 @@ def register(cls: type[Generator]) -> type[Generator]:
 
 
 # Imported in this order, so the registry (and the Train page) lists them in this order.
-BUILTIN_MODULES = ("engine.generators.mock_generator", "engine.generators.dp_nmf")
+BUILTIN_MODULES = ("engine.generators.mock_generator", "engine.generators.dp_nmf",
+                   "engine.generators.cae")
 
 
 def _load_builtin() -> None:
