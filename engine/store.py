@@ -407,11 +407,13 @@ class Workspace:
         records = [r for r in records if r and (dataset_id is None or r.dataset_id == dataset_id)]
         return sorted(records, key=lambda r: r.created, reverse=True)
 
-    def load_split_side(self, split_id: str, side: str) -> ad.AnnData:
-        """Read the ``train`` or ``test`` AnnData of a split."""
+    def load_split_side(self, split_id: str, side: str, *, backed: bool = False) -> ad.AnnData:
+        """Read the ``train`` or ``test`` AnnData of a split (``backed``: open it read-only
+        on disk, for generators that read it chunk by chunk)."""
         if side not in ("train", "test"):
             raise ValueError(f"side must be 'train' or 'test', not {side!r}")
-        return ad.read_h5ad(self.split_dir(split_id) / f"{side}.h5ad")
+        path = self.split_dir(split_id) / f"{side}.h5ad"
+        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
 
     def split_csv(self, split_id: str) -> Path:
         return self.split_dir(split_id) / "split.csv"

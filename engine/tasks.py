@@ -294,7 +294,8 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
                 "page first, so it trains on the training donors only."
             )
         context.progress(0.02, "reading the training cells")
-        train = workspace.load_split_side(split_id, "train")
+        train = workspace.load_split_side(
+            split_id, "train", backed=generator_cls.capabilities.streams_from_disk)
     elif split is not None:
         train = workspace.load_split_side(split_id, "train")
 
@@ -351,6 +352,8 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
                 job_id=getattr(getattr(context, "record", None), "id", None),
             ),
         )
+    if train is not None and train.isbacked:
+        train.file.close()
     workspace.set_state(run_key=key)
     context.progress(1.0, "run stored")
     return {
@@ -365,12 +368,18 @@ def _basic_metrics(synthetic: Any, train: Any) -> dict[str, Any]:
     import scipy.sparse as sp
 
     def figures(adata: Any) -> dict[str, float]:
-        matrix = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
-        library = np.asarray(matrix.sum(axis=1)).ravel()
+        libraries, nnz = [], 0
+        step = 100_000  # a backed AnnData is read in blocks of rows, never whole
+        for start in range(0, adata.n_obs, step):
+            block = adata.X[start:start + step]
+            block = block if sp.issparse(block) else sp.csr_matrix(block)
+            libraries.append(np.asarray(block.sum(axis=1)).ravel())
+            nnz += block.nnz
+        library = np.concatenate(libraries) if libraries else np.zeros(0)
         return {
             "n_cells": int(adata.n_obs),
             "median_library_size": float(np.median(library)) if library.size else 0.0,
-            "zero_fraction": 1.0 - matrix.nnz / max(1, adata.n_obs * adata.n_vars),
+            "zero_fraction": 1.0 - nnz / max(1, adata.n_obs * adata.n_vars),
         }
 
     out = {"synthetic": figures(synthetic)}
@@ -491,6 +500,12 @@ def counterfactual(params: dict[str, Any], context: Context) -> dict[str, Any]:
     context.progress(0.1, "choosing the cells")
     real = workspace.load_dataset(run.dataset_id)
     rows = select_cells(real.obs, request["selection"], request["cells"])
+    measured = np.asarray(real[rows].X.sum(axis=1)).ravel() > 0
+    if not measured.any():
+        raise UserFacingError("The chosen cells have no RNA counts (e.g. ATAC-only cells); "
+                              "choose cells with measured expression.")
+    skipped = int((~measured).sum())
+    rows = rows[measured]
     if rows.size > request["max_cells"]:
         rng = np.random.default_rng(request["seed"])
         rows = np.sort(rng.choice(rows, size=request["max_cells"], replace=False))
@@ -504,6 +519,8 @@ def counterfactual(params: dict[str, Any], context: Context) -> dict[str, Any]:
     closeness = result.closeness.get("counterfactual")
     extra = (f"; R² of mean expression vs real target cells {closeness['r2_all']:.3f}"
              if closeness else "")
+    if skipped:
+        extra += f" ({skipped:,} chosen cells have no RNA counts and were left out)"
     return {"run_key": run.key, "counterfactual_id": result_id, "cached": False,
             "message": f"Made {rows.size:,} counterfactual cells{extra}."}
 

@@ -58,6 +58,13 @@ def dataset_umap(dataset_id: str) -> np.ndarray:
 
 
 model = cached_model(run_key, str(ws.root))
+
+
+@st.cache_data(max_entries=16, show_spinner="Decoding the reference cells…")
+def field_contributions(key: str, field_name: str) -> pd.DataFrame:
+    return CF.context_contributions(cached_model(key, str(ws.root)), field_name)
+
+
 obs = dataset_obs(record.id)
 fields = list(model.categories)
 
@@ -71,6 +78,15 @@ with st.expander("What the model learnt: each head's size over training, and the
     with cols[1]:
         st.caption("Loss terms per epoch.")
         plotly(CF.loss_figure(history), key="cf_losses")
+    cols = st.columns(2)
+    head_field = cols[0].selectbox("Field", fields, key="cf_head_field")
+    head_value = cols[1].selectbox("Context", model.categories[head_field],
+                                   key="cf_head_value")
+    st.caption(f"Per-gene contribution of the **{head_field}** head for **{head_value}**: its "
+               "mean output over the model's reference cells put in that context, minus its "
+               "mean over all values of the field.")
+    plotly(CF.context_figure(field_contributions(run_key, head_field), head_value),
+           key="cf_head_genes")
 
 # -- which cells ------------------------------------------------------------------------------
 st.subheader("1 · Pick cells")

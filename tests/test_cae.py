@@ -281,3 +281,13 @@ def test_dp_sgd_without_noise_learns_what_plain_training_learns(monkeypatch) -> 
     effect = (contributions["stim"] - contributions["ctrl"]).to_numpy()
     assert effect[EFFECT_GENES].min() > 0.4
     assert np.abs(np.delete(effect, EFFECT_GENES)).mean() < 0.2 * effect[EFFECT_GENES].mean()
+
+
+def test_context_contributions_center_each_field(toy_model) -> None:
+    from engine.evaluate.counterfactual import context_contributions
+
+    model, _ = toy_model
+    table = context_contributions(model, "condition")
+    assert list(table.columns) == ["ctrl", "stim"]
+    np.testing.assert_allclose(table.sum(axis=1), 0.0, atol=1e-5)  # centred over the values
+    assert (table["stim"].to_numpy()[EFFECT_GENES] > 0.2).all()

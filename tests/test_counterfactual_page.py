@@ -35,8 +35,13 @@ def test_page_makes_and_shows_a_counterfactual(ws: Workspace, manager: JobManage
                                "config": {"epochs": 4, "n_genes": 600}}, ctx(ws))
     at = run(via_app("counterfactual"))
     assert at.selectbox(key="cf_run").value == trained["run_key"]
-    # the head norms and losses over training are drawn
-    assert len(at.get("plotly_chart")) == 2
+    # head norms and losses over training, and one context's per-gene contributions
+    assert len(at.get("plotly_chart")) == 3
+    assert at.selectbox(key="cf_head_field").options == ["condition", "cell_type"]
+    at.selectbox(key="cf_head_value").set_value("stim")
+    run(at)
+    assert "Per-gene contribution of the **condition** head for **stim**" in " ".join(
+        texts(at.caption))
     at.multiselect(key="cf_sel.cell_type").set_value(["CD14+ Monocytes"])
     at.multiselect(key="cf_sel.condition").set_value(["ctrl"])
     run(at)
@@ -61,8 +66,8 @@ def test_page_makes_and_shows_a_counterfactual(ws: Workspace, manager: JobManage
     closeness = at.dataframe[0].value
     assert list(closeness.index) == ["counterfactual", "cells unchanged (baseline)"]
     assert np.isfinite(closeness.to_numpy(dtype=float)).all()
-    # shift UMAP, top genes, heatmap and head contributions below the two training plots
-    assert len(at.get("plotly_chart")) == 6
+    # shift UMAP, top genes, heatmap and head contributions below the three model plots
+    assert len(at.get("plotly_chart")) == 7
     labels = [b.label for b in at.get("download_button")]
     assert labels == ["Download counterfactual cells (.h5ad)", "Download changed genes (.csv)"]
     folder = ws.evaluation_dir(trained["run_key"], record.result["counterfactual_id"],

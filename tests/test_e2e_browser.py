@@ -191,6 +191,47 @@ def test_open_split_train_in_browser(app_url: tuple[str, Path]) -> None:
         page.screenshot(path=str(SCREENSHOT.with_name("privacy.png")))
         page.set_viewport_size({"width": 1400, "height": 1000})
 
+        # Counterfactual: train the cycle autoencoder, then "these cells, but stimulated".
+        page.get_by_role("link", name="Train", exact=True).click()
+        expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("combobox", name="Generator").click()
+        page.get_by_role("option", name="Cycle autoencoder (counterfactual)").click()
+        page.get_by_role("button", name="Launch run").click()
+        deadline = time.monotonic() + 300
+        while not [r for r in Workspace(workspace_root).list_runs() if r.generator == "cae"]:
+            if time.monotonic() > deadline:
+                page.screenshot(path="/tmp/e2e_cae_fail.png", full_page=True)
+                jobs = [(p / "job.json").read_text()[:1500]
+                        for p in (workspace_root / "jobs").iterdir()]
+                raise AssertionError(f"the cycle autoencoder run did not finish: {jobs}")
+            page.wait_for_timeout(1000)
+        _wait_idle(page)
+        page.get_by_role("link", name="Counterfactual", exact=True).click()
+        expect(page.get_by_role("heading", name="Counterfactual", exact=True)).to_be_visible(
+            timeout=30_000)
+        page.get_by_role("combobox", name="condition", exact=True).click()
+        page.get_by_role("option", name="control", exact=True).click()
+        page.keyboard.press("Escape")
+        _wait_idle(page)
+        page.get_by_role("combobox", name="condition →").click()
+        page.get_by_role("option", name="stimulated", exact=True).click()
+        _wait_idle(page)
+        page.get_by_role("button", name="Generate counterfactual").click()
+        expect(page.get_by_role("heading", name="3 · What changed")).to_be_visible(
+            timeout=300_000)
+        expect(page.get_by_role("button", name="Download counterfactual cells (.h5ad)")
+               ).to_be_visible(timeout=60_000)
+        _wait_idle(page)
+        cf_runs = [r for r in Workspace(workspace_root).list_runs() if r.generator == "cae"]
+        assert len(cf_runs) == 1
+        assert list((workspace_root / "runs" / cf_runs[0].key / "counterfactuals").iterdir())
+        page.set_viewport_size({"width": 1400, "height": 2400})
+        page.get_by_role("heading", name="3 · What changed").scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(SCREENSHOT.with_name("counterfactual.png")))
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
         # Generate a mock scenario as a job and preview it as a UMAP.
         page.get_by_role("link", name="Mock data").click()
         expect(page.get_by_role("heading", name="Mock data", exact=True)).to_be_visible(

@@ -154,8 +154,9 @@ def analyse(model: Any, cells: ad.AnnData, changes: dict[str, str], *,
     after = mean_log(result["predicted"])
     # The fold change is the model's own change (decoded in the new vs in the cells' own
     # contexts), so the autoencoder's reconstruction error does not pose as an effect.
-    lfc = np.log2((np.expm1(mean_log(result["decoded"])) + 0.1)
-                  / (np.expm1(mean_log(result["reconstructed"])) + 0.1))
+    # A pseudo-count of one normalised count keeps barely expressed genes from topping the list.
+    lfc = np.log2((np.expm1(mean_log(result["decoded"])) + 1.0)
+                  / (np.expm1(mean_log(result["reconstructed"])) + 1.0))
     gene_table = pd.DataFrame({"mean_log_before": before, "mean_log_after": after,
                                "log2_fold_change": lfc}, index=genes)
     gene_table["rank"] = (-gene_table["log2_fold_change"].abs()).rank(method="first")
@@ -333,4 +334,33 @@ def loss_figure(history: pd.DataFrame) -> Any:
     table = history.melt(id_vars="epoch", value_vars=terms, var_name="term", value_name="value")
     figure = px.line(table, x="epoch", y="value", color="term", log_y=True)
     figure.update_layout(height=320, margin={"t": 30})
+    return figure
+
+
+def context_contributions(model: Any, field_name: str, *, max_cells: int = 2000,
+                          seed: int = 0) -> pd.DataFrame:
+    """Return genes × values of ``field_name``: the field head's mean output over up to
+    ``max_cells`` reference cells put in each value, minus its mean over the values (what a
+    context adds relative to the field's average)."""
+    reference = model.reference
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(reference.n_obs, size=min(max_cells, reference.n_obs),
+                              replace=False))
+    table = model.head_contributions(reference[rows], field_name)
+    return table.sub(table.mean(axis=1), axis=0)
+
+
+def context_figure(contributions: pd.DataFrame, value: str, *, n: int = 20) -> Any:
+    """Return bars of the ``n`` genes a context raises or lowers most (from
+    :func:`context_contributions`)."""
+    import plotly.express as px
+
+    column = contributions[value]
+    top = column.reindex(column.abs().sort_values(ascending=False).index[:n]).iloc[::-1]
+    figure = px.bar(x=top.to_numpy(), y=top.index, orientation="h",
+                    color=np.where(top.to_numpy() > 0, "raised", "lowered"),
+                    color_discrete_map={"raised": "#d62728", "lowered": "#1f77b4"},
+                    labels={"x": f"head output vs the field's average (log1p) · {value}",
+                            "y": "gene", "color": ""})
+    figure.update_layout(height=max(300, 18 * n), margin={"t": 30})
     return figure

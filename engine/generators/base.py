@@ -41,6 +41,7 @@ class Capabilities:
     modalities: tuple[str, ...] = ("rna",)
     dp_mechanisms: tuple[str, ...] = ()
     accelerated: bool = False  # trains with torch: on CUDA when present, as a GPU job
+    streams_from_disk: bool = False  # fit() reads a backed AnnData chunk by chunk
 
     def as_labels(self) -> list[str]:
         """Return short human labels of the capabilities that are present."""

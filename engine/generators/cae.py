@@ -127,21 +127,22 @@ class CAEConfig:
     condition_key: str = field(default="", metadata={"label": "Condition column"})
     cell_type_key: str = field(default="", metadata={"label": "Cell-type column"})
     donor_key: str = field(default="", metadata={"label": "Donor column"})
+    # The DP-SGD settings sit in the training form: the Privacy page sets DP-NMF's stages.
     dp: str = field(default="none", metadata={
-        "label": "Differential privacy", "choices": DP_CHOICES, "privacy": True,
+        "label": "Differential privacy", "choices": DP_CHOICES,
         "help": "dp-sgd: per-cell (or per-donor) clipped gradients with Gaussian noise."})
     epsilon: float = field(default=8.0, metadata={
-        "label": "ε (DP-SGD)", "min": 0.05, "max": 100.0, "step": 0.1, "privacy": True,
+        "label": "ε (DP-SGD)", "min": 0.05, "max": 100.0, "step": 0.1,
         "help": "Total ε of the training; the noise is calibrated to it."})
     delta: float = field(default=0.0, metadata={
-        "label": "δ", "min": 0.0, "max": 1e-2, "step": 1e-6, "privacy": True,
+        "label": "δ", "min": 0.0, "max": 1e-2, "step": 1e-6,
         "help": "0: 1 / (10 · number of privacy units)."})
     max_cells_per_unit: int = field(default=20, metadata={
-        "label": "Cells per donor (cap)", "min": 1, "max": 100000, "privacy": True,
+        "label": "Cells per donor (cap)", "min": 1, "max": 100000,
         "help": "With a donor column, each donor's gradient sums at most this many of its "
         "cells (chosen at random) before clipping."})
     max_grad_norm: float = field(default=1.0, metadata={
-        "label": "Gradient clip (L2)", "min": 1e-4, "max": 100.0, "privacy": True,
+        "label": "Gradient clip (L2)", "min": 1e-4, "max": 100.0,
         "help": "Each unit's gradient is clipped to this L2 norm before noise."})
 
 
@@ -392,7 +393,8 @@ class CAEGenerator(Generator):
     )
     config_class = CAEConfig
     capabilities = Capabilities(conditional=True, counterfactual=True,
-                                dp_mechanisms=("dp-sgd",), accelerated=True)
+                                dp_mechanisms=("dp-sgd",), accelerated=True,
+                                streams_from_disk=True)
 
     def __init__(self, config: CAEConfig | None = None) -> None:
         super().__init__(config)
@@ -495,10 +497,17 @@ class CAEGenerator(Generator):
         for batch in loader:
             counts = sp.csr_matrix(batch.X)
             library = np.asarray(counts.sum(axis=1)).ravel()
-            x = log_normalise(counts[:, genes], library, self.config.target_sum)
-            codes = {f: c[batch.rows] for f, c in codes_all.items()}
+            # Cells without counts (RNA not measured, e.g. ATAC-only cells of a bridge
+            # design) carry no expression to learn from.
+            measured = library > 0
+            if not measured.any():
+                continue
+            rows = batch.rows[measured]
+            x = log_normalise(counts[measured][:, genes], library[measured],
+                              self.config.target_sum)
+            codes = {f: c[rows] for f, c in codes_all.items()}
             if self._cell_weights is not None:
-                codes["__weight__"] = self._cell_weights[batch.rows]
+                codes["__weight__"] = self._cell_weights[rows]
             yield torch.from_numpy(x).to(device), codes
 
     def losses(self, x: Any, codes: dict[str, np.ndarray], rng: np.random.Generator
@@ -638,10 +647,11 @@ class CAEGenerator(Generator):
         pieces = []
         for i in range(source.n_chunks):
             batch = source.read_chunk(i)
+            library = np.asarray(batch.X.sum(axis=1)).ravel()
+            keep[batch.rows[library <= 0]] = False  # no counts: nothing to learn from
             rows = np.flatnonzero(keep[batch.rows])
             counts = batch.X[rows]
-            library = np.asarray(counts.sum(axis=1)).ravel()
-            pieces.append(log_normalise(counts[:, genes], library, cfg.target_sum))
+            pieces.append(log_normalise(counts[:, genes], library[rows], cfg.target_sum))
         x_all = np.concatenate(pieces)
         kept = np.flatnonzero(keep)
         units = pd.factorize(unit_of_cell[kept])[0]
@@ -717,7 +727,8 @@ class CAEGenerator(Generator):
         pieces, frames = [], []
         for i in range(source.n_chunks):
             batch = source.read_chunk(i, columns=fields)
-            rows = np.flatnonzero(rng.random(batch.X.shape[0]) < keep_share)
+            measured = np.asarray(batch.X.sum(axis=1)).ravel() > 0
+            rows = np.flatnonzero((rng.random(batch.X.shape[0]) < keep_share) & measured)
             counts = sp.csr_matrix(batch.X[rows])
             frame = batch.obs.iloc[rows].copy()
             frame["library_size"] = np.asarray(counts.sum(axis=1)).ravel()
