@@ -5,7 +5,8 @@ The CAE samples by decoding training cells in their own contexts (condition and 
 Kang, cell type on pbmc3k), so its realism is that of its reconstructions. Prints one JSON
 object.
 
-    python bench/bench_cae_realism.py [--datasets kang_by_donor,pbmc3k_by_cells] [--set name=value ...]
+    python bench/bench_cae_realism.py [--datasets kang_by_donor,pbmc3k_by_cells]
+        [--set name=value ...]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ def register(cls: type[Generator]) -> type[Generator]:
     return cls
 
 
-# Imported in this order, so the registry (and the Train page) lists them in this order.
+# The registry (and the Train page) lists the built-in generators in this order.
 BUILTIN_MODULES = ("engine.generators.mock_generator", "engine.generators.dp_nmf",
                    "engine.generators.cae")
 
@@ -27,9 +27,13 @@ def _load_builtin() -> None:
 
 
 def list_generators() -> list[type[Generator]]:
-    """Return every registered generator class, in registration order."""
+    """Return every registered generator class: the built-in ones in the order of
+    :data:`BUILTIN_MODULES` (whatever imported them first), then others as registered."""
     _load_builtin()
-    return list(REGISTRY.values())
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    ordered = sorted(enumerate(REGISTRY.values()),
+                     key=lambda item: (rank.get(item[1].__module__, len(rank)), item[0]))
+    return [cls for _, cls in ordered]
 
 
 def get_generator(name: str) -> type[Generator]:
