@@ -108,20 +108,22 @@ else:
     coords = dataset_umap(record.id)
     color = st.selectbox("Colour by", selectable, key="cf_color") if selectable else None
     frame = pd.DataFrame({"umap1": coords[:, 0], "umap2": coords[:, 1],
-                          "label": obs[color].astype(str).to_numpy() if color else "cells"})
+                          "label": obs[color].astype(str).to_numpy() if color else "cells",
+                          "row": np.arange(len(obs))})
     import plotly.express as px
 
     figure = px.scatter(frame, x="umap1", y="umap2", color="label", render_mode="webgl",
-                        height=480)
+                        height=480, custom_data=["row"])
     figure.update_traces(marker={"size": 3})
     figure.update_layout(dragmode="lasso", legend_title_text=color or "")
     event = plotly(figure, key="cf_lasso", on_select="rerun", selection_mode=("lasso", "box"))
     points = event.selection.points if event and event.selection else []
-    # plotly draws one trace per colour, in order of first appearance: map (trace, point in
-    # the trace) back to the cell's row
+    # Each point carries its cell's row as custom data; without it, map (trace, point in the
+    # trace) back: plotly draws one trace per colour, in order of first appearance.
     rows_of_trace = [np.flatnonzero(frame["label"].to_numpy() == label)
                      for label in frame["label"].unique()]
-    picked = sorted({int(rows_of_trace[int(p["curve_number"])][int(p["point_index"])])
+    picked = sorted({int(p["customdata"][0]) if p.get("customdata") is not None else
+                     int(rows_of_trace[int(p["curve_number"])][int(p["point_index"])])
                      for p in points})
     names = obs.index[picked].astype(str).tolist()
     st.caption(f"{len(names):,} cells lassoed." if names else
