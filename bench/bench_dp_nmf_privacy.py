@@ -14,6 +14,12 @@ synthetic classifier AUROC (with floors), their ratio to the no-DP point, and th
 membership attack's AUROC. Prints one JSON object.
 
     python bench/bench_dp_nmf_privacy.py [--epsilons 1,4,10] [--dp all] [--settings kang,mock]
+        [--seeds 0,1,2]
+
+With several ``--seeds`` each point is fitted and sampled once per seed (the generator's
+``seed`` and the sampling seed; the evaluation seed stays 0): every seed's point is listed
+under ``per_seed`` and the headline metrics are their means. The share of the no-DP F1 is
+the mean DP F1 over the mean no-DP F1 (the baseline is fitted with the same seeds).
 """
 
 from __future__ import annotations
@@ -60,20 +66,20 @@ def _mock() -> tuple[ad.AnnData, ad.AnnData, dict[str, Any], dict[str, Any]]:
 
 
 def _point(train: ad.AnnData, test: ad.AnnData, roles: dict[str, Any],
-           options: dict[str, Any]) -> dict[str, Any]:
+           options: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     from engine.evaluate.suite import evaluate
     from engine.generators.dp_nmf import DPNMFConfig, DPNMFGenerator
 
     started = time.perf_counter()
-    model = DPNMFGenerator(DPNMFConfig(cell_type_key="cell_type", seed=0, **options))
+    model = DPNMFGenerator(DPNMFConfig(cell_type_key="cell_type", seed=seed, **options))
     model.fit(train)
-    synthetic = model.sample(seed=0)
+    synthetic = model.sample(seed=seed)
     fit_seconds = time.perf_counter() - started
     result = evaluate(test, synthetic, train=train, roles=roles, seed=0)
     audit = result.to_json().get("audit", {})
     aurocs = [audit.get(f"audit_{a}_auroc") for a in ATTACKS]
     aurocs = [a for a in aurocs if a is not None]
-    point = {"privacy": model.privacy_label,
+    point = {"seed": seed, "privacy": model.privacy_label,
              "epsilon": model.privacy_spend().get("epsilon"),
              "delta": model.privacy_spend().get("delta"),
              "seconds_fit_sample": round(fit_seconds, 1),
@@ -85,18 +91,39 @@ def _point(train: ad.AnnData, test: ad.AnnData, roles: dict[str, Any],
     return point
 
 
+def _seeded_point(train: ad.AnnData, test: ad.AnnData, roles: dict[str, Any],
+                  options: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """One point per seed; with several seeds, the metrics' means and every seed's point."""
+    points = [_point(train, test, roles, options, seed) for seed in seeds]
+    if len(points) == 1:
+        return points[0]
+    out = dict(points[0], seed=seeds)
+    for name in ("tstr_relative_f1", "classifier_auroc_gbt", "ilisi", "gene_mean_pearson"):
+        values = [p[name]["value"] for p in points]
+        out[name] = {"value": float(sum(values) / len(values)),
+                     "floor": points[0][name]["floor"], "per_seed": values}
+    aurocs = [p["audit_auroc_max"] for p in points if p["audit_auroc_max"] is not None]
+    out["audit_auroc_max"] = max(aurocs) if aurocs else None
+    out["seconds_fit_sample"] = round(sum(p["seconds_fit_sample"] for p in points), 1)
+    out["per_seed"] = points
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epsilons", default="1,4,10")
     parser.add_argument("--dp", default="all")
     parser.add_argument("--settings", default="kang,mock")
     parser.add_argument("--clusters-from", default="kmeans", choices=("kmeans", "cell_type"))
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated fit/sample seeds; metrics are their means")
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     makers = {"kang_cell_level": _kang, "mock_200_donors_donor_level": _mock}
     wanted = {"kang": "kang_cell_level", "mock": "mock_200_donors_donor_level"}
     out: dict[str, Any] = {"benchmark": "dp_nmf_privacy", "dp": args.dp, "delta": DELTA,
-                           "clusters_from": args.clusters_from}
+                           "clusters_from": args.clusters_from, "seeds": seeds}
     for short in args.settings.split(","):
         name = wanted[short]
         if short == "kang" and not SHARED.exists():
@@ -104,17 +131,24 @@ def main() -> None:
             continue
         train, test, roles, unit_options = makers[name]()
         unit_options = {**unit_options, "clusters_from": args.clusters_from}
-        baseline = _point(train, test, roles, {**unit_options, "dp": "none"})
+        baseline = _seeded_point(train, test, roles, {**unit_options, "dp": "none"}, seeds)
+        print(json.dumps({name: {"no_dp": baseline}}), flush=True)
         rows: dict[str, Any] = {"no_dp": baseline, "n_train": train.n_obs,
                                 "n_units": int(train.obs["donor"].nunique())
                                 if unit_options["donor_key"] else train.n_obs}
         for epsilon in epsilons:
-            point = _point(train, test, roles, {**unit_options, "dp": args.dp,
-                                                "epsilon_total": epsilon, "delta": DELTA})
+            point = _seeded_point(train, test, roles, {**unit_options, "dp": args.dp,
+                                                       "epsilon_total": epsilon,
+                                                       "delta": DELTA}, seeds)
             for metric in ("tstr_relative_f1",):
                 base = baseline[metric]["value"]
                 point[f"{metric}_share_of_no_dp"] = (
                     point[metric]["value"] / base if base else None)
+                if "per_seed" in point[metric]:  # each seed against the same seed's no-DP
+                    point[f"{metric}_share_per_seed"] = [
+                        v / b if b else None for v, b in
+                        zip(point[metric]["per_seed"], baseline[metric]["per_seed"],
+                            strict=True)]
             rows[f"epsilon_{epsilon:g}"] = point
             print(json.dumps({name: {f"epsilon_{epsilon:g}": point}}), flush=True)
         out[name] = rows

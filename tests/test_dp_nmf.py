@@ -191,6 +191,17 @@ def test_dp_log_library_release_uses_the_centred_bound(kang: ad.AnnData) -> None
     assert np.allclose(model.params["log_lib_sd"], model.params["log_lib_sd"][0])  # pooled
 
 
+def test_dp_gene_shapes_stay_poisson_where_noise_hides_them(kang: ad.AnnData) -> None:
+    """Noisy square sums and detections give a gene a dispersion or zero inflation only
+    where they stand clear of the noise; the others are Poisson, never random extremes."""
+    tight = _fit(kang, dp="sampling", epsilon_total=1.0, delta=1e-5)
+    loose = _fit(kang, dp="sampling", epsilon_total=100.0, delta=1e-5)
+    r, pi = tight.params["r"][0], tight.params["pi"][0]
+    assert np.mean(r >= 1e4 * (1 - 1e-9)) > 0.9 and np.mean(pi == 0) > 0.9
+    assert np.all(r >= 1e-3) and np.all(pi <= 0.95)
+    assert np.any(loose.params["r"][0] < 1e4 * (1 - 1e-9))  # the top genes, at a large ε
+
+
 def test_shrunk_profiles_keep_clear_signal_and_pool_noise() -> None:
     rng = np.random.default_rng(0)
     sizes = np.array([400.0, 300.0, 5.0])
