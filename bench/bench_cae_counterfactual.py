@@ -87,13 +87,9 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    config: dict[str, Any] = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            config[name] = json.loads(value)
-        except ValueError:
-            config[name] = value
+    from engine.cli import _config_from_args
+
+    config = _config_from_args(argparse.Namespace(config=None, set=args.set))
     kang = ad.read_h5ad(KANG)
     kang = kang[kang.obs["cell_type"].notna()].copy()
     results = [run_type(kang, t, config) for t in args.types.split(",")]

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -36,13 +35,9 @@ def main() -> None:
     parser.add_argument("--datasets", default="kang_by_donor,pbmc3k_by_cells")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            overrides[name] = json.loads(value)
-        except ValueError:
-            overrides[name] = value
+    from engine.cli import _config_from_args
+
+    overrides = _config_from_args(argparse.Namespace(config=None, set=args.set))
     results = {}
     for name in args.datasets.split(","):
         with tempfile.TemporaryDirectory() as folder:

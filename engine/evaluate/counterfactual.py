@@ -63,13 +63,13 @@ def prediction_scores(predicted_mean: np.ndarray, source_mean: np.ndarray,
 
 def log_normalised(adata: ad.AnnData, genes: list[str], target_sum: float = 1e4) -> np.ndarray:
     """Return dense log1p(counts / library · target_sum) of ``adata`` restricted to ``genes``
-    (library over all of its genes)."""
+    (library over all of its genes), as the cycle autoencoder sees cells."""
+    from engine.generators.cae import log_normalise
+
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
-    library = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0)
+    library = np.asarray(counts.sum(axis=1)).ravel()
     position = pd.Index(adata.var_names.astype(str)).get_indexer(genes)
-    dense = counts[:, position].toarray()
-    dense *= (target_sum / library)[:, None].astype(np.float32)
-    return np.log1p(dense)
+    return log_normalise(counts[:, position], library, target_sum)
 
 
 @dataclass

@@ -492,7 +492,9 @@ class CAEGenerator(Generator):
         self.reference = self._reference_cells(source, genes, fields)
 
     def _batches(self, loader: Any, codes_all: dict[str, np.ndarray], genes: np.ndarray,
-                 device: Any) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+                 device: Any) -> Iterator[tuple[Any, dict[str, np.ndarray], np.ndarray | None]]:
+        """Yield (log-normalised expression tensor, context codes, per-cell loss weights or
+        None) per minibatch of cells with counts."""
         torch = _torch()
         for batch in loader:
             counts = sp.csr_matrix(batch.X)
@@ -506,22 +508,20 @@ class CAEGenerator(Generator):
             x = log_normalise(counts[measured][:, genes], library[measured],
                               self.config.target_sum)
             codes = {f: c[rows] for f, c in codes_all.items()}
-            if self._cell_weights is not None:
-                codes["__weight__"] = self._cell_weights[rows]
-            yield torch.from_numpy(x).to(device), codes
+            weights = self._cell_weights[rows] if self._cell_weights is not None else None
+            yield torch.from_numpy(x).to(device), codes, weights
 
-    def losses(self, x: Any, codes: dict[str, np.ndarray], rng: np.random.Generator
-               ) -> dict[str, Any]:
+    def losses(self, x: Any, codes: dict[str, np.ndarray], rng: np.random.Generator,
+               weights: np.ndarray | None = None) -> dict[str, Any]:
         """Return the loss terms of one minibatch (tensors): reconstruction, cycle,
-        integration, target consistency, classifier."""
+        integration, target consistency, classifier; each a mean over cells, weighted by
+        ``weights`` when given."""
         torch = _torch()
         functional = torch.nn.functional
         module = self.module
         device = x.device
-        codes = dict(codes)
-        weight_np = codes.pop("__weight__", None)
-        weight = (torch.as_tensor(weight_np / weight_np.mean(), dtype=x.dtype, device=device)
-                  if weight_np is not None else torch.ones(x.shape[0], device=device))
+        weight = (torch.as_tensor(weights / weights.mean(), dtype=x.dtype, device=device)
+                  if weights is not None else torch.ones(x.shape[0], device=device))
 
         def mse(a: Any, b: Any) -> Any:
             return ((a - b) ** 2).mean(dim=1).mul(weight).mean()
@@ -567,8 +567,8 @@ class CAEGenerator(Generator):
             sums: dict[str, float] = {}
             n_batches = 0
             self.module.train()
-            for x, codes in self._batches(loader, codes_all, genes, device):
-                terms = self.losses(x, codes, rng)
+            for x, codes, weights in self._batches(loader, codes_all, genes, device):
+                terms = self.losses(x, codes, rng, weights)
                 loss = self._total(terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -595,7 +595,7 @@ class CAEGenerator(Generator):
         seen = 0
         self.module.eval()
         with torch.no_grad():
-            for x, codes in self._batches(loader, codes_all, genes, device):
+            for x, codes, _ in self._batches(loader, codes_all, genes, device):
                 source_t = {f: torch.as_tensor(c, device=device) for f, c in codes.items()}
                 _, _, outputs = self.module(x, source_t)
                 for head, out in outputs.items():
