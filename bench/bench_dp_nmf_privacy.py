@@ -14,12 +14,14 @@ synthetic classifier AUROC (with floors), their ratio to the no-DP point, and th
 membership attack's AUROC. Prints one JSON object.
 
     python bench/bench_dp_nmf_privacy.py [--epsilons 1,4,10] [--dp all] [--settings kang,mock]
-        [--seeds 0,1,2]
+        [--seeds 0,1,2] [--clusters-from auto|kmeans|cell_type] [--set NAME=VALUE ...]
 
 With several ``--seeds`` each point is fitted and sampled once per seed (the generator's
 ``seed`` and the sampling seed; the evaluation seed stays 0): every seed's point is listed
 under ``per_seed`` and the headline metrics are their means. The share of the no-DP F1 is
 the mean DP F1 over the mean no-DP F1 (the baseline is fitted with the same seeds).
+With the default ``--clusters-from auto`` the DP points use cell-type clusters and the
+no-DP baseline k-means (the generator's default both ways).
 """
 
 from __future__ import annotations
@@ -114,23 +116,31 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,4,10")
     parser.add_argument("--dp", default="all")
     parser.add_argument("--settings", default="kang,mock")
-    parser.add_argument("--clusters-from", default="kmeans", choices=("kmeans", "cell_type"))
+    parser.add_argument("--clusters-from", default="auto",
+                        choices=("auto", "kmeans", "cell_type"),
+                        help="auto (the default): cell types under dp=all, k-means without DP")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="further DPNMFConfig fields, for the DP and the no-DP points")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated fit/sample seeds; metrics are their means")
     args = parser.parse_args()
+    from engine.cli import _config_from_args
+
+    overrides = _config_from_args(argparse.Namespace(config=None, set=args.set))
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     makers = {"kang_cell_level": _kang, "mock_200_donors_donor_level": _mock}
     wanted = {"kang": "kang_cell_level", "mock": "mock_200_donors_donor_level"}
     out: dict[str, Any] = {"benchmark": "dp_nmf_privacy", "dp": args.dp, "delta": DELTA,
-                           "clusters_from": args.clusters_from, "seeds": seeds}
+                           "clusters_from": args.clusters_from, "seeds": seeds,
+                           "set": overrides}
     for short in args.settings.split(","):
         name = wanted[short]
         if short == "kang" and not SHARED.exists():
             out[name] = {"error": f"no data at {SHARED}"}
             continue
         train, test, roles, unit_options = makers[name]()
-        unit_options = {**unit_options, "clusters_from": args.clusters_from}
+        unit_options = {**unit_options, "clusters_from": args.clusters_from, **overrides}
         baseline = _seeded_point(train, test, roles, {**unit_options, "dp": "none"}, seeds)
         print(json.dumps({name: {"no_dp": baseline}}), flush=True)
         rows: dict[str, Any] = {"no_dp": baseline, "n_train": train.n_obs,

@@ -124,7 +124,8 @@ def test_dp_kmeans_changes_clusters_not_nmf(kang: ad.AnnData) -> None:
 
 
 def test_dp_all_with_donors(kang: ad.AnnData) -> None:
-    model = _fit(kang, dp="all", donor_key="donor", max_cells_per_unit=20)
+    model = _fit(kang, dp="all", donor_key="donor", max_cells_per_unit=20,
+                 clusters_from="kmeans")
     synth = model.sample(100, seed=0)
     spend = model.privacy_spend()
     assert 0.99 * 4.0 <= spend["epsilon"] <= 4.0 + 1e-9
@@ -150,7 +151,7 @@ def test_plan_before_training_is_what_the_fit_spends(kang: ad.AnnData) -> None:
 
 def test_per_stage_budgets_hold_each_and_compose_below_their_sum() -> None:
     config = DPNMFConfig(dp="all", budget_mode="per_stage", epsilon_nmf=1.0,
-                         epsilon_kmeans=0.5, epsilon_sampling=2.0)
+                         epsilon_kmeans=0.5, epsilon_sampling=2.0, clusters_from="kmeans")
     plan = plan_privacy(config, n_units=2000, n_labels=8)
     for stage, budget in (("nmf", 1.0), ("kmeans", 0.5), ("sampling", 2.0)):
         assert plan.stage_epsilon[stage] <= budget  # each at δ ≥ its share δ / 3
@@ -181,6 +182,31 @@ def test_clusters_from_cell_types_cost_no_budget(kang: ad.AnnData) -> None:
     plan = plan_privacy(model.config, n_units=kang.n_obs, n_labels=len(types))
     assert plan.stages == ("sampling",)
     assert model.privacy_spend()["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+
+
+def test_auto_clusters_are_cell_types_under_dp_all_only(kang: ad.AnnData) -> None:
+    types = sorted(kang.obs["cell_type"].astype(str).unique())
+    labels = kang.obs["cell_type"].astype(str).to_numpy()
+    private = _fit(kang, dp="all")  # the default clusters_from is "auto"
+    assert private.config.clusters_from == "auto" and private.clusters_by_type
+    assert np.array_equal(np.asarray(types)[private.train_clusters], labels)
+    names = {r["name"] for r in private.privacy_spend()["releases"]}
+    assert not names & {"kmeans counts", "kmeans sums", "label counts", "basis profiles"}
+    plan = plan_privacy(private.config, n_units=kang.n_obs, n_labels=len(types))
+    assert plan.stages == ("sampling",)
+    assert private.privacy_spend()["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+    # without DP, with a partial DP stage, or without a cell-type column: k-means
+    plain = _fit(kang)
+    assert not plain.clusters_by_type
+    assert not np.array_equal(np.asarray(types)[plain.train_clusters], labels)
+    assert not _fit(kang, dp="kmeans", epsilon_total=2.0).clusters_by_type
+    unlabelled = _fit(kang, dp="all", cell_type_key="")
+    assert not unlabelled.clusters_by_type
+    names = {r["name"] for r in unlabelled.privacy_spend()["releases"]}
+    assert {"basis profiles", "kmeans counts", "kmeans sums"} <= names
+    plan = plan_privacy(unlabelled.config, n_units=kang.n_obs, n_labels=0)
+    assert plan.stages == ("nmf", "kmeans", "sampling")
+    assert unlabelled.privacy_spend()["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
 
 
 def test_dp_log_library_release_uses_the_centred_bound(kang: ad.AnnData) -> None:

@@ -90,7 +90,8 @@ def test_sweep_trains_compares_and_audits_each_budget_and_the_page_draws_it(
 ) -> None:
     dataset_id = import_kang(ws)
     split_id = split_kang(ws, dataset_id, test_fraction=0.5)
-    config = {"n_components": 6, "nmf_max_iter": 30, "dp": "all", "donor_key": ""}
+    config = {"n_components": 6, "nmf_max_iter": 30, "dp": "all", "donor_key": "",
+              "clusters_from": "kmeans"}
     result = privacy_sweep({"split_id": split_id, "epsilons": "2, 50", "config": config,
                             "max_cells": 600}, ctx(ws))
     curve = load_sweep(ws, result["sweep_id"])

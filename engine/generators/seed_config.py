@@ -96,6 +96,7 @@ def read_seed_config(path: Path, *, experiment_name: str, dp: str) -> SeedRun:
         "sampling_method": str(sampler.get("sampling_method", "zinb")),
         "seed": int(sampler.get("seed", 0)),
         "dp": dp,
+        "clusters_from": "kmeans",  # the seed's method: its eps_kmeans is spent on k-means
     }
     if stages:
         config.update(budget_mode="per_stage", **budgets)
