@@ -336,6 +336,57 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gene_list(items: list[str] | None) -> list[str]:
+    """Genes given as repeated or comma-separated arguments."""
+    return [g.strip() for item in items or [] for g in item.split(",") if g.strip()]
+
+
+def cmd_design(args: argparse.Namespace) -> int:
+    """Inverse design with a diffusion run: cells steered toward genes up / down."""
+    from engine.evaluate.design import DesignResult
+    from engine.tasks import design
+
+    context = _context(args)
+    strengths = {k: float(v) for k, v in _pairs(args.gene_strength, "--gene-strength").items()}
+    result = design({"run_key": args.run, "up": _gene_list(args.up),
+                     "down": _gene_list(args.down), "strength": args.strength,
+                     "strengths": strengths, "start": _pairs(args.start, "--start"),
+                     "n_cells": args.n_cells, "scale": args.scale, "guidance": args.guidance,
+                     "seed": args.seed}, context)
+    folder = context.workspace.evaluation_dir(args.run, result["design_id"], kind="designs")
+    loaded = DesignResult.load(folder)
+    if args.out:
+        import shutil
+
+        shutil.copyfile(folder / "designed.h5ad", Path(args.out))
+    keys = ("share_meeting_all", "share_start_meeting_all", "top_assigned_type",
+            "share_top_assigned_type", "share_assigned_start_type", "nn_distance_ratio",
+            "nn_distance_ratio_start")
+    _print({**result, "folder": str(folder),
+            **{k: loaded.summary[k] for k in keys if k in loaded.summary},
+            "genes": loaded.genes.round(3).to_dict(orient="records")})
+    return 0
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    """Denoise real cells of a run's dataset with a diffusion run."""
+    from engine.tasks import denoise
+
+    context = _context(args)
+    selection = {k: v.split("|") for k, v in _pairs(args.cells, "--cells").items()}
+    result = denoise({"run_key": args.run, "selection": selection, "strength": args.strength,
+                      "max_cells": args.max_cells, "seed": args.seed}, context)
+    folder = context.workspace.evaluation_dir(args.run, result["denoise_id"], kind="denoised")
+    summary = json.loads((folder / "summary.json").read_text())
+    if args.out:
+        import shutil
+
+        shutil.copyfile(folder / "denoised.h5ad", Path(args.out))
+    _print({**result, "folder": str(folder),
+            **{k: v for k, v in summary.items() if k != "request"}})
+    return 0
+
+
 def cmd_generators(args: argparse.Namespace) -> int:
     from engine.generators.base import config_fields
     from engine.generators.registry import list_generators
@@ -733,6 +784,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the counterfactual cells (.h5ad) here")
     p.set_defaults(func=cmd_counterfactual)
+
+    p = sub.add_parser("design",
+                       help="diffusion: generate cells with chosen genes up or down")
+    p.add_argument("--run", required=True, help="run key of a trained diffusion model")
+    p.add_argument("--up", nargs="*", metavar="GENE[,GENE...]", help="genes to raise")
+    p.add_argument("--down", nargs="*", metavar="GENE[,GENE...]", help="genes to lower")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="shift asked of every gene, in sds of the starting population")
+    p.add_argument("--gene-strength", nargs="*", metavar="GENE=SDS",
+                   help="a gene's own strength, e.g. IL2RA=2")
+    p.add_argument("--start", nargs="*", metavar="FIELD=VALUE",
+                   help="starting context, e.g. cell_type='CD4 T cells'")
+    p.add_argument("--n-cells", type=int, default=500)
+    p.add_argument("--scale", type=float, default=0.5,
+                   help="gradient guidance: share of each gene's shortfall closed per step")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the designed cells (.h5ad) here")
+    p.set_defaults(func=cmd_design)
+
+    p = sub.add_parser("denoise", help="diffusion: denoise real cells of a run's dataset")
+    p.add_argument("--run", required=True, help="run key of a trained diffusion model")
+    p.add_argument("--cells", nargs="*", metavar="COLUMN=VALUE[|VALUE...]",
+                   help="which cells (default: every cell, up to --max-cells)")
+    p.add_argument("--strength", type=float, default=0.2,
+                   help="share of the forward process to noise to (0-1)")
+    p.add_argument("--max-cells", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the denoised cells (.h5ad) here")
+    p.set_defaults(func=cmd_denoise)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

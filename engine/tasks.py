@@ -525,6 +525,160 @@ def counterfactual(params: dict[str, Any], context: Context) -> dict[str, Any]:
             "message": f"Made {rows.size:,} counterfactual cells{extra}."}
 
 
+def _model_with(workspace: Workspace, run_key: str, capability: str, what: str) -> tuple[Any,
+                                                                                      Any]:
+    """Return (run record, fitted model) of a run whose generator has ``capability``."""
+    run = workspace.get_run(run_key)
+    if run is None:
+        raise UserFacingError("That run is no longer in the workspace; train it again.")
+    model = load_model(workspace, run.key)
+    if not getattr(model.capabilities, capability, False):
+        raise UserFacingError(f"{model.label} cannot {what}; train a conditional diffusion "
+                              "model.")
+    return run, model
+
+
+def _real_cells_of(workspace: Workspace, run: Any) -> Any:
+    """The training cells of a run's split (its whole dataset without a split), or None."""
+    if run.split_id and workspace.get_split(run.split_id) is not None:
+        return workspace.load_split_side(run.split_id, "train")
+    if run.dataset_id and workspace.get_dataset(run.dataset_id) is not None:
+        return workspace.load_dataset(run.dataset_id)
+    return None
+
+
+def design(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Inverse design: cells steered toward a target phenotype, with the report.
+
+    params: ``run_key``, ``up`` and ``down`` (gene lists), optional ``strength`` (sds, default
+    1), ``strengths`` ({gene: sds}), ``start`` ({field: value}), ``n_cells`` (default 500),
+    ``scale`` (gradient guidance, default 0.5), ``guidance`` (classifier-free guidance scale),
+    ``seed``. Cached: writes ``runs/<key>/designs/<id>/`` (``designed.h5ad``,
+    ``start.h5ad``, ``genes.csv``, ``cell_types.csv``, ``embedding.parquet``,
+    ``violins.parquet``, ``summary.json``) once per request.
+    """
+    from engine.evaluate.counterfactual import log_normalised
+    from engine.evaluate.design import analyse_design
+    from engine.generators.diffusion import DesignTarget
+    from engine.store import stable_hash
+
+    workspace = context.workspace
+    run, model = _model_with(workspace, params["run_key"], "inverse_design",
+                             "design cells toward a phenotype")
+    request = {"up": [str(g) for g in params.get("up") or []],
+               "down": [str(g) for g in params.get("down") or []],
+               "strength": float(params.get("strength", 1.0)),
+               "strengths": {str(k): float(v) for k, v in (params.get("strengths") or {})
+                             .items()},
+               "start": {str(k): str(v) for k, v in (params.get("start") or {}).items() if v},
+               "n_cells": int(params.get("n_cells", 500)),
+               "scale": float(params.get("scale", 0.5)),
+               "guidance": (float(params["guidance"]) if params.get("guidance") is not None
+                            else None),
+               "seed": int(params.get("seed", 0))}
+    if not 1 <= request["n_cells"] <= 100_000:
+        raise UserFacingError("Ask for between 1 and 100,000 designed cells.")
+    target = DesignTarget.from_lists(request["up"], request["down"], request["strength"],
+                                     request["strengths"])
+    result_id = stable_hash(request, length=12)
+    folder = workspace.evaluation_dir(run.key, result_id, kind="designs")
+    if (folder / "summary.json").exists():
+        context.progress(1.0, "found the stored design")
+        return {"run_key": run.key, "design_id": result_id, "cached": True,
+                "message": "Returned the stored design."}
+    model.gene_positions(target.genes)  # a sentence for unknown genes before any work
+    designed, start = model.design(
+        target, n=request["n_cells"], start=request["start"], scale=request["scale"],
+        seed=request["seed"], guidance=request["guidance"],
+        progress=lambda f, m="": context.progress(0.05 + 0.6 * f, m))
+    context.progress(0.7, "comparing with real cells")
+    real = _real_cells_of(workspace, run)
+    dataset = workspace.get_dataset(run.dataset_id) if run.dataset_id else None
+    label_key = (dataset.roles.get("cell_type") if dataset else None) or None
+    real_expression = None
+    if real is not None:
+        real = real[np.asarray(real.X.sum(axis=1)).ravel() > 0]
+        if real.n_obs > 5000:
+            rows = np.sort(np.random.default_rng(request["seed"]).choice(
+                real.n_obs, size=5000, replace=False))
+            real = real[rows]
+        real = real.to_memory() if real.isbacked else real
+        real_expression = log_normalised(real, [str(g) for g in model.gene_names],
+                                         model.config.target_sum)
+    start_label = request["start"].get(label_key) if label_key else None
+    result = analyse_design(designed, start, real=real, real_expression=real_expression,
+                            label_key=label_key, start_label=start_label,
+                            seed=request["seed"])
+    result.summary["request"] = request
+    result.summary["privacy_label"] = model.privacy_label
+    context.progress(0.95, "writing the design")
+    with workspace.building_evaluation(run.key, result_id, kind="designs") as scratch:
+        result.save(scratch)
+        designed.write_h5ad(scratch / "designed.h5ad", compression="gzip")
+        start.write_h5ad(scratch / "start.h5ad", compression="gzip")
+    context.progress(1.0, "design stored")
+    share = result.summary["share_meeting_all"]
+    return {"run_key": run.key, "design_id": result_id, "cached": False,
+            "message": f"Designed {designed.n_obs:,} cells; {share:.0%} meet every requested "
+                       "gene's target."}
+
+
+def denoise(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Denoise real cells with a diffusion run: partial noising to ``strength`` of the
+    forward process, then the reverse process in the cells' own contexts.
+
+    params: ``run_key``, optional ``dataset_id`` (default: the run's dataset), ``selection``
+    ({column: [values]}), ``strength`` (0-1, default 0.2), ``max_cells`` (default 5000),
+    ``seed``. Cached: writes ``runs/<key>/denoised/<id>/`` (``denoised.h5ad`` with
+    ``layers['observed']`` and ``layers['denoised']``, ``embedding.parquet``,
+    ``summary.json``) once per request."""
+    from engine.evaluate.counterfactual import select_cells
+    from engine.evaluate.denoise import analyse_denoising
+    from engine.store import stable_hash
+
+    workspace = context.workspace
+    run, model = _model_with(workspace, params["run_key"], "inverse_design", "denoise cells")
+    dataset_id = params.get("dataset_id") or run.dataset_id
+    if not dataset_id or workspace.get_dataset(dataset_id) is None:
+        raise UserFacingError("The dataset to denoise is not in the workspace.")
+    request = {"dataset_id": dataset_id, "selection": params.get("selection") or {},
+               "strength": float(params.get("strength", 0.2)),
+               "max_cells": int(params.get("max_cells", 5000)),
+               "seed": int(params.get("seed", 0))}
+    if not 0.0 < request["strength"] <= 1.0:
+        raise UserFacingError("The denoising strength must be above 0 and at most 1.")
+    result_id = stable_hash(request, length=12)
+    folder = workspace.evaluation_dir(run.key, result_id, kind="denoised")
+    if (folder / "summary.json").exists():
+        context.progress(1.0, "found the stored denoising")
+        return {"run_key": run.key, "denoise_id": result_id, "cached": True,
+                "message": "Returned the stored denoising."}
+    real = workspace.load_dataset(dataset_id)
+    rows = select_cells(real.obs, request["selection"], [])
+    rows = rows[np.asarray(real[rows].X.sum(axis=1)).ravel() > 0]
+    if rows.size == 0:
+        raise UserFacingError("None of the chosen cells has counts to denoise.")
+    if rows.size > request["max_cells"]:
+        rng = np.random.default_rng(request["seed"])
+        rows = np.sort(rng.choice(rows, size=request["max_cells"], replace=False))
+    cells = real[rows].copy()
+    out = model.denoise(cells, strength=request["strength"], seed=request["seed"],
+                        progress=lambda f, m="": context.progress(0.05 + 0.75 * f, m))
+    context.progress(0.85, "embedding before and after")
+    dataset = workspace.get_dataset(dataset_id)
+    summary, embedding = analyse_denoising(out, label_key=dataset.roles.get("cell_type"),
+                                           seed=request["seed"])
+    summary["request"] = request
+    with workspace.building_evaluation(run.key, result_id, kind="denoised") as scratch:
+        out.write_h5ad(scratch / "denoised.h5ad", compression="gzip")
+        embedding.to_parquet(scratch / "embedding.parquet")
+        atomic_write_json(scratch / "summary.json", summary)
+    context.progress(1.0, "denoised cells stored")
+    return {"run_key": run.key, "denoise_id": result_id, "cached": False,
+            "message": f"Denoised {out.n_obs:,} cells (noised to step {out.uns['denoise']['step']}"
+                       f" of {out.uns['denoise']['timesteps']})."}
+
+
 TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
 
 TASKS: dict[str, TaskFn] = {
@@ -535,6 +689,8 @@ TASKS: dict[str, TaskFn] = {
     "evaluate": evaluate_run,
     "privacy_sweep": privacy_sweep,
     "counterfactual": counterfactual,
+    "design": design,
+    "denoise": denoise,
 }
 
 

@@ -39,6 +39,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,36 @@ def _field_list(config: CAEConfig, obs_columns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@contextmanager
+def numba_single_thread() -> Iterator[None]:
+    """Run numba-parallel code (scanpy's statistics) on one thread. After a parallel region
+    on two threads, numba's pool kept a thread busy for the rest of the process: the torch
+    training that followed in the same process ran 10-30x slower (measured: 40 diffusion
+    steps took 24-37 s after scanpy's gene choice, 0.6 s with this)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+@contextmanager
+def capped_torch_threads() -> Iterator[None]:
+    """Run torch on at most half the cores: on this project's two-core machines two torch
+    threads next to any other busy process were 4-24x slower per step than one (27 ms vs
+    120-640 ms for the CAE; 180 ms vs 7 ms for a small diffusion network)."""
+    torch = _torch()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _select_genes(source: Any, n_genes: int, target_sum: float, *, max_cells: int = 50_000,
                   seed: int = 0) -> np.ndarray:
     """Return the positions of the ``n_genes`` most variable genes (scanpy's ``seurat``
@@ -372,8 +403,9 @@ def _select_genes(source: Any, n_genes: int, target_sum: float, *, max_cells: in
     adata = ad.AnnData(counts)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
-    table = sc.pp.highly_variable_genes(adata, n_top_genes=n_genes, flavor="seurat",
-                                        inplace=False)
+    with numba_single_thread():
+        table = sc.pp.highly_variable_genes(adata, n_top_genes=n_genes, flavor="seurat",
+                                            inplace=False)
     chosen = np.flatnonzero(table["highly_variable"].to_numpy())
     return np.sort(chosen)
 
@@ -477,17 +509,11 @@ class CAEGenerator(Generator):
                                  scale=cfg.metadata_decoder_scale).to(device)
         self.module.project()
         loader = TwoLevelLoader(source, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
-        threads = torch.get_num_threads()
-        # Small matrices: more CPU threads than half the cores cost more in contention (with
-        # the app and other jobs) than they gain; measured 27 ms vs 120-640 ms per step.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-        try:
+        with capped_torch_threads():
             if cfg.dp != "none":
                 self._fit_dp(source, codes_all, genes, device, progress)
             else:
                 self._fit_plain(loader, codes_all, genes, device, progress)
-        finally:
-            torch.set_num_threads(threads)
         progress(0.97, "keeping reference cells")
         self.reference = self._reference_cells(source, genes, fields)
 
