@@ -549,3 +549,43 @@ def test_train_cae_then_counterfactual(
     assert "Traceback" not in bad.stderr
     missing = cli(ws, "train", "--dataset", kang["id"], "--split", split_id, expect=2)
     assert "Name the generator to train" in missing.stderr
+
+
+# --------------------------------------------------------------------------- diffusion
+@pytest.mark.shared_data
+def test_train_diffusion_then_design_and_denoise(
+    kang: dict[str, Any], kang_split: dict[str, Any], tmp_path: Path
+) -> None:
+    """`train diffusion`, `design --run --up --down --start` and `denoise --run --cells`."""
+    ws, split_id = kang["ws"], kang_split["split_id"]
+    out = cli_json(ws, "train", "diffusion", "--dataset", kang["id"], "--split", split_id,
+                   "--set", "train_steps=300", "n_genes=400", "hidden=64", "depth=2",
+                   "timesteps=100", "sampling_steps=10")
+    meta = json.loads((Path(out["folder"]) / "meta.json").read_text())
+    assert meta["generator"] == "diffusion" and meta["n_genes"] == 400
+    assert meta["config"]["cell_type_key"] == "cell_type"  # from the dataset's roles
+    model_genes = ad.read_h5ad(Path(out["folder"]) / "synthetic.h5ad").var_names
+    up, down = str(model_genes[0]), str(model_genes[1])
+    target = tmp_path / "designed.h5ad"
+    result = cli_json(ws, "design", "--run", out["run_key"], "--up", up, "--down", down,
+                      "--start", "cell_type=CD4 T cells", "--n-cells", "60", "--out", target)
+    designed = ad.read_h5ad(target)
+    assert designed.n_obs == 60 and (designed.obs["cell_type"] == "CD4 T cells").all()
+    genes = {row["gene"]: row for row in result["genes"]}
+    assert genes[up]["direction"] == "up" and genes[down]["direction"] == "down"
+    assert genes[up]["designed_mean"] > genes[up]["start_mean"]
+    assert genes[down]["designed_mean"] <= genes[down]["start_mean"]
+    assert 0.0 <= result["share_meeting_all"] <= 1.0 and result["nn_distance_ratio"] > 0
+    again = cli_json(ws, "design", "--run", out["run_key"], "--up", up, "--down", down,
+                     "--start", "cell_type=CD4 T cells", "--n-cells", "60")
+    assert again["cached"] and again["design_id"] == result["design_id"]
+    denoised_path = tmp_path / "denoised.h5ad"
+    cleaned = cli_json(ws, "denoise", "--run", out["run_key"], "--cells", "cell_type=B cells",
+                       "--strength", "0.3", "--out", denoised_path)
+    n_b = int((read_obs(KANG)["cell_type"] == "B cells").sum())
+    denoised = ad.read_h5ad(denoised_path)
+    assert denoised.n_obs == cleaned["n_cells"] == n_b
+    assert set(denoised.layers) == {"observed", "denoised"} and cleaned["step"] == 30
+    bad = cli(ws, "design", "--run", out["run_key"], "--up", "NOT_A_GENE", expect=2)
+    assert "The model does not include NOT_A_GENE" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -186,3 +186,19 @@ def test_page_denoises_chosen_cells(ws: Workspace, manager: JobManager,
     assert cells.n_obs == n_chosen and {"observed", "denoised"} <= set(cells.layers)
     assert sorted(pd.unique(cells.obs["cell_type"].astype(str))) == types
     assert [b.label for b in at.get("download_button")] == ["Download denoised cells (.h5ad)"]
+
+
+def test_page_shows_a_failed_design_as_a_sentence(ws: Workspace, manager: JobManager,
+                                                  prepared: dict[str, str]) -> None:
+    job_id = manager.submit("design", {"run_key": prepared["run_key"], "up": ["NOT_A_GENE"],
+                                       "down": []}, title="Design NOT_A_GENE ↑1")
+    wait_done(manager, job_id, status="failed")
+    at = via_app("design")
+    at.session_state["dz_job"] = job_id
+    run(at)
+    errors = texts(at.error)
+    assert len(errors) == 1 and errors[0].startswith("The model does not include NOT_A_GENE")
+    # the shared job panel folds the worker's traceback away under an expander
+    assert [e.label for e in at.expander if e.label.startswith("Details")] == [
+        "Details for a bug report"]
+    assert "dz_result" not in at.session_state

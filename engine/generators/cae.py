@@ -37,7 +37,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -647,11 +646,8 @@ class CAEGenerator(Generator):
         from opacus import GradSampleModule
         from opacus.grad_sample import register_grad_sampler
 
-        from engine.privacy.accountant import (
-            Accountant,
-            calibrate_noise_multiplier,
-            default_delta,
-        )
+        from engine.privacy.accountant import Accountant, default_delta
+        from engine.privacy.dp_sgd import cells_by_unit, draw_step, noisy_gradients, plan_dp_sgd
 
         torch = _torch()
         cfg = self.config
@@ -682,65 +678,39 @@ class CAEGenerator(Generator):
         kept = np.flatnonzero(keep)
         units = pd.factorize(unit_of_cell[kept])[0]
         codes_kept = {f: c[kept] for f, c in codes_all.items()}
-        n_units = int(units.max()) + 1
-        cells_per_unit = len(kept) / n_units
-        rate = min(1.0, cfg.batch_size / cells_per_unit / n_units)
-        steps = max(1, round(cfg.epochs / rate))
-        self.delta_used = cfg.delta or default_delta(n_units)
-        sigma = calibrate_noise_multiplier(
-            epsilon=cfg.epsilon, delta=self.delta_used,
-            releases=[("dp-sgd", "gaussian", steps, rate)])
+        self.delta_used = cfg.delta or default_delta(int(units.max()) + 1)
+        plan = plan_dp_sgd(kept=kept, units=units, unit_name=self.unit_name,
+                           batch_size=cfg.batch_size, epochs=cfg.epochs, epsilon=cfg.epsilon,
+                           delta=self.delta_used)
         self.accountant = Accountant()
-        self.accountant.gaussian("dp-sgd", noise_multiplier=sigma, count=steps,
-                                 sampling_rate=rate)
+        self.accountant.gaussian("dp-sgd", noise_multiplier=plan.sigma, count=plan.steps,
+                                 sampling_rate=plan.rate)
         self.module.set_masked(True)
         wrapped = GradSampleModule(self.module, batch_first=True, loss_reduction="sum")
         optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.learning_rate)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        expected_units = rate * n_units
-        cells_of_unit = pd.Series(np.arange(len(kept))).groupby(units).indices
+        members = cells_by_unit(plan)
         self.history = []
         started = time.time()
+
+        def summed_loss(rows: np.ndarray) -> Any:
+            x = torch.from_numpy(x_all[rows]).to(device)
+            codes = {f: c[rows] for f, c in codes_kept.items()}
+            return self._total(self.losses(x, codes, rng)) * x.shape[0]  # sum over cells
+
         try:
-            for step in range(steps):
-                chosen = np.flatnonzero(rng.random(n_units) < rate)
-                rows = (np.concatenate([cells_of_unit[u] for u in chosen]) if chosen.size
-                        else np.zeros(0, dtype=np.int64))
-                summed = [torch.zeros_like(p) for p in params]
-                if rows.size:
-                    x = torch.from_numpy(x_all[rows]).to(device)
-                    codes = {f: c[rows] for f, c in codes_kept.items()}
-                    terms = self.losses(x, codes, rng)
-                    loss = self._total(terms) * x.shape[0]  # sum over cells
-                    wrapped.zero_grad(set_to_none=True)
-                    with warnings.catch_warnings():
-                        # Opacus' hooks on the first layers: the inputs need no gradient
-                        warnings.filterwarnings("ignore", message="Full backward hook")
-                        loss.backward()
-                    unit_index = torch.as_tensor(pd.factorize(units[rows])[0], device=device)
-                    n_batch_units = int(unit_index.max()) + 1
-                    per_unit = []
-                    for p in params:
-                        sample = p.grad_sample if p.grad_sample is not None else torch.zeros(
-                            (rows.size, *p.shape), device=device)
-                        grouped = torch.zeros((n_batch_units, *p.shape), device=device)
-                        per_unit.append(grouped.index_add_(0, unit_index, sample))
-                    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_unit))
-                    factor = torch.clamp(cfg.max_grad_norm / (norms + 1e-12), max=1.0)
-                    summed = [torch.einsum("u,u...->...", factor, g) for g in per_unit]
-                for p, total in zip(params, summed, strict=True):
-                    noise = torch.normal(0.0, sigma * cfg.max_grad_norm, size=p.shape,
-                                         device=device)
-                    p.grad = (total + noise) / expected_units
-                    p.grad_sample = None
+            for step in range(plan.steps):
+                rows = draw_step(plan, members, rng)
+                noisy_gradients(wrapped, params, plan, rows, summed_loss,
+                                clip=cfg.max_grad_norm, device=device)
                 optimizer.step()
                 self.module.project()
-                if (step + 1) % max(1, steps // 50) == 0 or step + 1 == steps:
-                    epoch = (step + 1) * rate
+                if (step + 1) % max(1, plan.steps // 50) == 0 or step + 1 == plan.steps:
+                    epoch = (step + 1) * plan.rate
                     self.history.append({"epoch": round(epoch, 3),
                                          "seconds": round(time.time() - started, 3)})
-                    progress(0.05 + 0.9 * (step + 1) / steps,
-                             f"DP-SGD step {step + 1}/{steps} (σ = {sigma:.2f})")
+                    progress(0.05 + 0.9 * (step + 1) / plan.steps,
+                             f"DP-SGD step {step + 1}/{plan.steps} (σ = {plan.sigma:.2f})")
         finally:
             wrapped._close()
             self.module.set_masked(False)

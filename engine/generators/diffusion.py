@@ -87,10 +87,10 @@ class DiffusionConfig:
     n_components: int = field(default=50, metadata={
         "label": "Principal components", "min": 2, "max": 500,
         "help": "Size of the diffused state in the pca representation."})
-    hidden: int = field(default=512, metadata={
+    hidden: int = field(default=256, metadata={
         "label": "Network width", "min": 16, "max": 8192,
         "help": "Hidden units of the noise-prediction network."})
-    depth: int = field(default=4, metadata={
+    depth: int = field(default=3, metadata={
         "label": "Residual blocks", "min": 1, "max": 32, "help": "Depth of the network."})
     timesteps: int = field(default=1000, metadata={
         "label": "Diffusion steps", "min": 10, "max": 10000,
