@@ -91,6 +91,7 @@ PAGES = (
     ("pages/privacy.py", "Privacy", ":material/shield_lock:"),
     ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/counterfactual.py", "Counterfactual", ":material/swap_horiz:"),
+    ("pages/design.py", "Design", ":material/tune:"),
     ("pages/compare.py", "Compare", ":material/compare:"),
     ("pages/jobs.py", "Jobs", ":material/schedule:"),
 )

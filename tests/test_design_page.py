@@ -105,7 +105,7 @@ def test_page_designs_cells_and_shows_the_report(ws: Workspace, manager: JobMana
     assert params["up"] == [up] and params["down"] == [down]
     assert params["strengths"] == {up: 1.5, down: 1.0}
     assert params["start"] == {"cell_type": "CD14+ Monocytes"}
-    assert params["n_cells"] == 120 and params["scale"] == 5.0 and params["run_key"] == run_key
+    assert params["n_cells"] == 120 and params["scale"] == 0.5 and params["run_key"] == run_key
     record = wait_done(manager, job_id)
     run(at)
     design_id = record.result["design_id"]

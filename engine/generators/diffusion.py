@@ -908,11 +908,24 @@ class DiffusionGenerator(Generator):
         """Return ``n`` standard normal states (the start of generation), seeded."""
         return np.random.default_rng(seed).standard_normal((n, self.rep.dim)).astype(np.float32)
 
-    def to_counts(self, states: np.ndarray, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Return (Poisson counts, e) of states: the decoded expression e gives each gene's
-        share ``expm1(e) / Σ expm1(e)`` of the decoded library size L (counts over the
-        model's genes); counts are Poisson draws around share · L."""
+    def expression_of(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (log-normalised expression, library sizes) of states, made possible: the
+        linear decoder can give a gene more than the whole normalised library (log1p(10⁴)
+        is the ceiling) or genes more than it together; normalised values are capped at the
+        library and, where they sum above it, scaled down to it."""
         expression, library = self.rep.decode(states)
+        total = self.config.target_sum
+        values = np.expm1(np.minimum(expression, np.log1p(total)))
+        over = values.sum(axis=1, keepdims=True) / total
+        values /= np.maximum(over, 1.0)
+        return np.log1p(values).astype(np.float32), library
+
+    def to_counts(self, states: np.ndarray, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Return (Poisson counts, e) of states: the expression e (see
+        :meth:`expression_of`) gives each gene's share ``expm1(e) / Σ expm1(e)`` of the
+        decoded library size L (counts over the model's genes); counts are Poisson draws
+        around share · L, and e is what ``layers['expression']`` holds."""
+        expression, library = self.expression_of(states)
         rng = np.random.default_rng(seed)
         share = np.expm1(expression)
         share /= np.maximum(share.sum(axis=1, keepdims=True), 1e-12)
@@ -976,7 +989,7 @@ class DiffusionGenerator(Generator):
         n_steps = max(2, round(self.config.sampling_steps * strength))
         clean = self.reverse(noised.astype(np.float32), codes, start=start, n_steps=n_steps,
                              guidance=guidance, seed=seed, progress=progress)
-        denoised, _ = self.rep.decode(clean)
+        denoised, _ = self.expression_of(clean)
         out = ad.AnnData(sp.csr_matrix(cells.X), obs=cells.obs.copy(),
                          var=pd.DataFrame(index=cells.var_names.astype(str)))
         out = out[:, [str(g) for g in self.rep.gene_names]].copy()
@@ -1040,7 +1053,7 @@ class DiffusionGenerator(Generator):
         progress(0.0, "generating the starting population")
         base_states = self.reverse(noise, codes, seed=seed, guidance=guidance,
                                    progress=lambda f, m="": progress(0.3 * f, m))
-        base_expression, _ = self.rep.decode(base_states)
+        base_expression, _ = self.expression_of(base_states)
         mean = base_expression[:, positions].mean(axis=0)
         sd = np.maximum(base_expression[:, positions].std(axis=0), 0.1)
         device = next(self.network.parameters()).device
