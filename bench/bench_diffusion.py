@@ -41,10 +41,10 @@ sys.path.insert(0, str(BENCH.parent))
 from bench_dp_nmf_realism import LABEL_KEY, SEED, evaluate_sample, prepare_split  # noqa: E402
 
 DESIGNS = (
-    # toward FCGR3A+ monocytes from classical ones: a real neighbouring phenotype
-    {"start": "CD14+ Mono", "up": ["FCGR3A", "MS4A7"], "down": ["CD14", "LYZ"]},
-    # cytotoxic CD8 T cells from naive CD4 T cells (the design's "up/down" panel)
-    {"start": "Naive CD4 T", "up": ["CD8A", "GZMK", "CCL5"], "down": ["CCR7"]},
+    # toward FCGR3A+ (non-classical) monocytes from classical ones: a real neighbouring type
+    {"start": "CD14+ Mono", "up": ["FCGR3A", "MS4A7"], "down": ["S100A8", "LYZ"]},
+    # cytotoxic, effector-like cells from naive CD4 T cells
+    {"start": "Naive CD4 T", "up": ["GZMK", "CCL5", "NKG7"], "down": ["SELL"]},
 )
 
 
@@ -81,8 +81,9 @@ def label_accuracy(model: Any, train: Any, test: Any, n_per_type: int = 200) -> 
             "sample_cells_per_s": round(len(contexts) / seconds, 1)}
 
 
-def run_designs(model: Any, train: Any) -> list[dict[str, Any]]:
-    """Each target of :data:`DESIGNS` (genes the model lacks are dropped, and said)."""
+def run_designs(model: Any, train: Any, scales: list[float]) -> list[dict[str, Any]]:
+    """Each target of :data:`DESIGNS` at each guidance scale (genes the model lacks are
+    dropped, and said)."""
     from engine.evaluate.counterfactual import log_normalised
     from engine.evaluate.design import analyse_design
     from engine.generators.diffusion import DesignTarget
@@ -90,7 +91,7 @@ def run_designs(model: Any, train: Any) -> list[dict[str, Any]]:
     modelled = set(map(str, model.gene_names))
     real_expression = log_normalised(train, [str(g) for g in model.gene_names])
     out = []
-    for spec in DESIGNS:
+    for spec, scale in ((spec, scale) for spec in DESIGNS for scale in scales):
         up = [g for g in spec["up"] if g in modelled]
         down = [g for g in spec["down"] if g in modelled]
         dropped = sorted(set(spec["up"] + spec["down"]) - set(up + down))
@@ -99,7 +100,8 @@ def run_designs(model: Any, train: Any) -> list[dict[str, Any]]:
             continue
         started = time.perf_counter()
         designed, start = model.design(DesignTarget.from_lists(up, down, 1.0), n=500,
-                                       start={LABEL_KEY: spec["start"]}, seed=SEED)
+                                       start={LABEL_KEY: spec["start"]}, seed=SEED,
+                                       scale=scale)
         seconds = round(time.perf_counter() - started, 1)
         result = analyse_design(designed, start, real=train, real_expression=real_expression,
                                 label_key=LABEL_KEY, start_label=spec["start"], seed=SEED)
@@ -107,6 +109,7 @@ def run_designs(model: Any, train: Any) -> list[dict[str, Any]]:
                 "share_top_assigned_type", "share_assigned_start_type", "nn_distance_ratio",
                 "nn_distance_ratio_start")
         out.append({"start": spec["start"], "up": up, "down": down, "dropped": dropped,
+                    "scale": scale,
                     "seconds": seconds, **{k: result.summary.get(k) for k in keys},
                     "cell_types": result.cell_types.round(3).to_dict(orient="records"),
                     "genes": result.genes.round(3).to_dict(orient="records")})
@@ -159,7 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="kang_by_donor,pbmc3k_by_cells")
     parser.add_argument("--spaces", default="pca")
-    parser.add_argument("--skip", default="", help="comma-separated: realism,design,speed")
+    parser.add_argument("--design-scales", default="0.5,1.0",
+                        help="gradient-guidance scales of the designs")
+    parser.add_argument("--skip", default="", help="comma-separated: realism,labels,design,speed")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     overrides = _config_from_args(argparse.Namespace(config=None, set=args.set))
@@ -186,9 +191,11 @@ def main() -> None:
                 synthetic = model.sample(seed=SEED)
                 row["sample_s"] = round(time.perf_counter() - started, 1)
                 row.update(evaluate_sample(name, train, test, synthetic))
-            row.update(label_accuracy(model, train, test))
+            if "labels" not in skip:
+                row.update(label_accuracy(model, train, test))
             if "design" not in skip and name.startswith("pbmc3k"):
-                row["designs"] = run_designs(model, train)
+                row["designs"] = run_designs(
+                    model, train, [float(v) for v in args.design_scales.split(",")])
             entry[space] = row
         results["datasets"][name] = entry
     if "speed" not in skip:
