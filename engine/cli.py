@@ -797,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", nargs="*", metavar="FIELD=VALUE",
                    help="starting context, e.g. cell_type='CD4 T cells'")
     p.add_argument("--n-cells", type=int, default=500)
-    p.add_argument("--scale", type=float, default=0.5,
+    p.add_argument("--scale", type=float, default=1.0,
                    help="gradient guidance: share of each gene's shortfall closed per step")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's)")

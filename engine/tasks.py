@@ -552,7 +552,7 @@ def design(params: dict[str, Any], context: Context) -> dict[str, Any]:
 
     params: ``run_key``, ``up`` and ``down`` (gene lists), optional ``strength`` (sds, default
     1), ``strengths`` ({gene: sds}), ``start`` ({field: value}), ``n_cells`` (default 500),
-    ``scale`` (gradient guidance, default 0.5), ``guidance`` (classifier-free guidance scale),
+    ``scale`` (gradient guidance, default 1), ``guidance`` (classifier-free guidance scale),
     ``seed``. Cached: writes ``runs/<key>/designs/<id>/`` (``designed.h5ad``,
     ``start.h5ad``, ``genes.csv``, ``cell_types.csv``, ``embedding.parquet``,
     ``violins.parquet``, ``summary.json``) once per request.
@@ -572,7 +572,7 @@ def design(params: dict[str, Any], context: Context) -> dict[str, Any]:
                              .items()},
                "start": {str(k): str(v) for k, v in (params.get("start") or {}).items() if v},
                "n_cells": int(params.get("n_cells", 500)),
-               "scale": float(params.get("scale", 0.5)),
+               "scale": float(params.get("scale", 1.0)),
                "guidance": (float(params["guidance"]) if params.get("guidance") is not None
                             else None),
                "seed": int(params.get("seed", 0))}
@@ -611,6 +611,7 @@ def design(params: dict[str, Any], context: Context) -> dict[str, Any]:
                             seed=request["seed"])
     result.summary["request"] = request
     result.summary["privacy_label"] = model.privacy_label
+    result.summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     context.progress(0.95, "writing the design")
     with workspace.building_evaluation(run.key, result_id, kind="designs") as scratch:
         result.save(scratch)
@@ -669,6 +670,7 @@ def denoise(params: dict[str, Any], context: Context) -> dict[str, Any]:
     summary, embedding = analyse_denoising(out, label_key=dataset.roles.get("cell_type"),
                                            seed=request["seed"])
     summary["request"] = request
+    summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     with workspace.building_evaluation(run.key, result_id, kind="denoised") as scratch:
         out.write_h5ad(scratch / "denoised.h5ad", compression="gzip")
         embedding.to_parquet(scratch / "embedding.parquet")

@@ -19,6 +19,7 @@ from engine.tasks import load_model
 from pages._ui import current, job_panel, jobs, page_setup, plotly, require_dataset, workspace
 
 ANY = "(any)"
+SCALE = 1.0  # the guidance strength the page starts from; labels name only other strengths
 
 page_setup("Design")
 st.caption("A conditional diffusion model generates cells; inverse design adds, at every "
@@ -65,6 +66,75 @@ def load_denoised(path: str) -> tuple[dict[str, Any], pd.DataFrame]:
     folder = Path(path)
     return (json.loads((folder / "summary.json").read_text()),
             pd.read_parquet(folder / "embedding.parquet"))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def read_summary(path: str, mtime_ns: int) -> dict[str, Any]:
+    """A stored result's ``summary.json`` (cached per file version)."""
+    return json.loads(Path(path).read_text())
+
+
+def stored_results(kind: str) -> dict[str, dict[str, Any]]:
+    """{result id: summary} of the chosen run's stored results of ``kind`` ("designs" or
+    "denoised"), newest first: the folders ``runs/<key>/<kind>/<id>/`` with a summary."""
+    base = ws.evaluation_dir(run_key, None, kind=kind).parent
+    found = []
+    for path in (base.glob("*/summary.json") if base.is_dir() else []):
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+            found.append((mtime_ns, path.parent.name, read_summary(str(path), mtime_ns)))
+        except (OSError, ValueError):  # removed meanwhile, or half written by hand
+            continue
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return {result_id: summary for _, result_id, summary in found}
+
+
+def choose_stored(kind: str, label: str, state_key: str, result_key: str,
+                  describe: Any) -> str | None:
+    """A selectbox of the run's stored results of ``kind`` (newest first), defaulting to the
+    one this session made last (``st.session_state[result_key]``), else the newest; return
+    the chosen id, or None when the run has none."""
+    summaries = stored_results(kind)
+    if not summaries:
+        return None
+    ids = list(summaries)
+    key = f"{state_key}.{run_key}"
+    if st.session_state.get(key) not in ids:
+        made = st.session_state.get(result_key) or (None, None)
+        st.session_state[key] = made[1] if made[0] == run_key and made[1] in ids else ids[0]
+    return st.selectbox(label, ids, key=key, format_func=lambda i: describe(summaries[i]),
+                        help="Every result of this model stays in the workspace; newest first.")
+
+
+def design_label(summary: dict[str, Any]) -> str:
+    """E.g. "ISG15 ↑1.5, CCL2 ↓1 · CD14+ Monocytes · 120 cells" (from the stored request)."""
+    request = summary.get("request", {})
+    strength, strengths = request.get("strength", 1.0), request.get("strengths", {})
+    moves = ([f"{g} ↑{strengths.get(g, strength):g}" for g in request.get("up", [])]
+             + [f"{g} ↓{strengths.get(g, strength):g}" for g in request.get("down", [])])
+    start = ", ".join(map(str, request.get("start", {}).values())) or "any start"
+    parts = [", ".join(moves) or "no target", start,
+             f"{summary.get('n_cells', request.get('n_cells', 0)):,} cells"]
+    if request.get("scale") is not None and request["scale"] != SCALE:
+        parts.append(f"guidance {request['scale']:g}")
+    if request.get("guidance") is not None:
+        parts.append(f"classifier-free {request['guidance']:g}")
+    if request.get("seed", 0):
+        parts.append(f"seed {request['seed']}")
+    return " · ".join(parts)
+
+
+def denoise_label(summary: dict[str, Any]) -> str:
+    """E.g. "B cells, CD14+ Monocytes · strength 0.3 · 1,234 cells"."""
+    request = summary.get("request", {})
+    values = [str(v) for chosen in request.get("selection", {}).values() for v in chosen]
+    what = (", ".join(values[:3]) + (f" +{len(values) - 3} more" if len(values) > 3 else "")
+            if values else "all cells")
+    parts = [what, f"strength {summary.get('strength', request.get('strength', 0)):g}",
+             f"{summary.get('n_cells', 0):,} cells"]
+    if request.get("seed", 0):
+        parts.append(f"seed {request['seed']}")
+    return " · ".join(parts)
 
 
 try:
@@ -124,7 +194,7 @@ def design_panel() -> None:
     cols = st.columns(3)
     n_cells = cols[0].number_input("Designed cells", min_value=10, max_value=100_000,
                                    value=500, step=50, key="dz_n")
-    scale = cols[1].slider("Guidance strength", 0.0, 2.0, 0.5, 0.05, key="dz_scale",
+    scale = cols[1].slider("Guidance strength", 0.0, 2.0, SCALE, 0.05, key="dz_scale",
                            help="Share of each gene's remaining shortfall the push closes at "
                                 "each denoising step (0: the starting population itself).")
     seed = cols[2].number_input("Seed", min_value=0, value=0, step=1, key="dz_seed")
@@ -151,23 +221,29 @@ def design_panel() -> None:
         st.session_state["dz_job"] = jobs().submit("design", params, title=title)
 
     def remember(job: Any) -> None:
-        st.session_state["dz_result"] = (job.result["run_key"], job.result["design_id"])
+        made = (job.result["run_key"], job.result["design_id"])
+        st.session_state["dz_result"] = made
+        st.session_state[f"dz_stored.{made[0]}"] = made[1]  # show it (before the selectbox)
 
     job_panel("dz_job", on_done=remember)
     design_results()
 
 
 def design_results() -> None:
-    stored = st.session_state.get("dz_result")
-    if not stored or stored[0] != run_key:
+    """The report of a stored design of the chosen run (they outlive the session)."""
+    if not stored_results("designs"):
         return
-    folder = ws.evaluation_dir(stored[0], stored[1], kind="designs")
-    if not (folder / "summary.json").exists():
+    st.subheader("3 · The designed cells")
+    design_id = choose_stored("designs", "Stored designs", "dz_stored", "dz_result",
+                              design_label)
+    folder = ws.evaluation_dir(run_key, design_id, kind="designs")
+    try:
+        result = load_design(str(folder))
+    except (OSError, ValueError):
+        st.warning("That design is no longer readable in the workspace; make it again.")
         return
-    result = load_design(str(folder))
     summary = result.summary
     request = summary.get("request", {})
-    st.subheader("3 · The designed cells")
     target = summary.get("target", {})
     wanted = ", ".join(f"**{g}** {'↑' if d > 0 else '↓'} {s:g} sd" for g, d, s in zip(
         target.get("genes", []), target.get("directions", []), target.get("strengths", []),
@@ -219,6 +295,8 @@ def design_results() -> None:
     if not result.embedding.empty:
         options = ["group", "cell_type",
                    *[g for g in target.get("genes", []) if g in result.embedding]]
+        if st.session_state.get("dz_color") not in options:  # a gene of another design
+            st.session_state.pop("dz_color", None)
         color = st.selectbox("Colour the UMAP by", options, key="dz_color",
                              format_func=lambda c: {"group": "real / start / designed",
                                                     "cell_type": "cell type"}.get(c, c))
@@ -228,7 +306,7 @@ def design_results() -> None:
     st.caption(f"Privacy of the designed cells: **{summary.get('privacy_label', '?')}**.")
     st.download_button("Download designed cells (.h5ad)",
                        (folder / "designed.h5ad").read_bytes,
-                       file_name=f"designed_{run_key[:8]}_{stored[1]}.h5ad",
+                       file_name=f"designed_{run_key[:8]}_{design_id}.h5ad",
                        mime="application/octet-stream", key="dz_download")
 
 
@@ -266,20 +344,26 @@ def denoise_panel() -> None:
             "denoise", params, title=f"Denoise {what or 'all cells'} (strength {strength:g})")
 
     def remember(job: Any) -> None:
-        st.session_state["dn_result"] = (job.result["run_key"], job.result["denoise_id"])
+        made = (job.result["run_key"], job.result["denoise_id"])
+        st.session_state["dn_result"] = made
+        st.session_state[f"dn_stored.{made[0]}"] = made[1]  # show it (before the selectbox)
 
     job_panel("dn_job", on_done=remember)
     denoise_results()
 
 
 def denoise_results() -> None:
-    stored = st.session_state.get("dn_result")
-    if not stored or stored[0] != run_key:
+    """The report of a stored denoising of the chosen run (they outlive the session)."""
+    denoise_id = choose_stored("denoised", "Stored denoisings", "dn_stored", "dn_result",
+                               denoise_label)
+    if denoise_id is None:
         return
-    folder = ws.evaluation_dir(stored[0], stored[1], kind="denoised")
-    if not (folder / "summary.json").exists():
+    folder = ws.evaluation_dir(run_key, denoise_id, kind="denoised")
+    try:
+        summary, embedding = load_denoised(str(folder))
+    except (OSError, ValueError):
+        st.warning("That denoising is no longer readable in the workspace; make it again.")
         return
-    summary, embedding = load_denoised(str(folder))
     st.markdown(f"**{summary['n_cells']:,}** cells noised to step **{summary['step']}** of "
                 f"{summary['timesteps']} (strength {summary['strength']:g}), then denoised in "
                 "their own contexts.")
@@ -298,6 +382,8 @@ def denoise_results() -> None:
                "how well the cell types separate in the observed cells' principal components "
                "(−1 to 1, higher: better separated; undefined for one type).")
     markers = [m for m in summary.get("marker_genes", []) if m in embedding]
+    if st.session_state.get("dn_color") not in ["cell_type", *markers]:
+        st.session_state.pop("dn_color", None)
     color = st.selectbox("Colour the UMAPs by", ["cell_type", *markers], key="dn_color",
                          format_func=lambda c: "cell type" if c == "cell_type" else c)
     st.caption("One UMAP of the cells before (left) and after (right) denoising.")
@@ -308,7 +394,7 @@ def denoise_results() -> None:
         plotly(DF.marker_figure(embedding, markers), key="dn_markers")
     st.download_button("Download denoised cells (.h5ad)",
                        (folder / "denoised.h5ad").read_bytes,
-                       file_name=f"denoised_{run_key[:8]}_{stored[1]}.h5ad",
+                       file_name=f"denoised_{run_key[:8]}_{denoise_id}.h5ad",
                        mime="application/octet-stream", key="dn_download")
 
 

@@ -5,6 +5,7 @@ denoises chosen real cells (a job) with before / after views."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from engine.evaluate.design import DesignResult
 from engine.jobs import JobManager, get_manager
 from engine.store import Workspace
-from engine.tasks import load_model, train_generator
+from engine.tasks import denoise, design, load_model, train_generator
 from tests.test_pages import (
     ctx,
     import_kang,
@@ -105,11 +106,14 @@ def test_page_designs_cells_and_shows_the_report(ws: Workspace, manager: JobMana
     assert params["up"] == [up] and params["down"] == [down]
     assert params["strengths"] == {up: 1.5, down: 1.0}
     assert params["start"] == {"cell_type": "CD14+ Monocytes"}
-    assert params["n_cells"] == 120 and params["scale"] == 0.5 and params["run_key"] == run_key
+    assert params["n_cells"] == 120 and params["scale"] == 1.0 and params["run_key"] == run_key
     record = wait_done(manager, job_id)
     run(at)
     design_id = record.result["design_id"]
     assert at.session_state["dz_result"] == (run_key, design_id)
+    stored_box = at.selectbox(key=f"dz_stored.{run_key}")
+    assert stored_box.label == "Stored designs" and stored_box.value == design_id
+    assert stored_box.options == [f"{up} ↑1.5, {down} ↓1 · CD14+ Monocytes · 120 cells"]
     folder = ws.evaluation_dir(run_key, design_id, kind="designs")
     stored = DesignResult.load(folder)
     share = stored.summary["share_meeting_all"]
@@ -161,6 +165,7 @@ def test_page_denoises_chosen_cells(ws: Workspace, manager: JobManager,
     assert params["strength"] == pytest.approx(0.3) and params["run_key"] == run_key
     record = wait_done(manager, job_id)
     run(at)
+    assert at.selectbox(key=f"dn_stored.{run_key}").value == record.result["denoise_id"]
     folder = ws.evaluation_dir(run_key, record.result["denoise_id"], kind="denoised")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["step"] == 30 and summary["n_cells"] == n_chosen
@@ -202,3 +207,64 @@ def test_page_shows_a_failed_design_as_a_sentence(ws: Workspace, manager: JobMan
     assert [e.label for e in at.expander if e.label.startswith("Details")] == [
         "Details for a bug report"]
     assert "dz_result" not in at.session_state
+
+
+def test_a_fresh_session_shows_the_stored_results(ws: Workspace, manager: JobManager,
+                                                   prepared: dict[str, str]) -> None:
+    """Results outlive the session (a browser reload): a new session on the same workspace
+    lists the run's stored designs and denoisings, newest first, and shows the newest one's
+    report, or the one the session made, without submitting a job."""
+    run_key = prepared["run_key"]
+    genes = [str(g) for g in load_model(ws, run_key).gene_names]
+    up = "ISG15" if "ISG15" in genes else genes[0]
+    down = next(g for g in ("CCL2", "CD74", *genes) if g in genes and g != up)
+    older = design({"run_key": run_key, "up": [up], "down": [down],
+                    "strengths": {up: 1.5, down: 1.0}, "start": {"cell_type": "CD14+ Monocytes"},
+                    "n_cells": 120, "scale": 1.0}, ctx(ws))["design_id"]
+    newer = design({"run_key": run_key, "up": [up], "n_cells": 60, "scale": 0.8, "seed": 1},
+                   ctx(ws))["design_id"]
+    summary_path = ws.evaluation_dir(run_key, older, kind="designs") / "summary.json"
+    os.utime(summary_path, (1_600_000_000, 1_600_000_000))  # surely the older one
+    denoise_id = denoise({"run_key": run_key, "selection": {"cell_type": ["B cells"]},
+                          "strength": 0.2, "max_cells": 150}, ctx(ws))["denoise_id"]
+
+    at = run(via_app("design"))
+    box = at.selectbox(key=f"dz_stored.{run_key}")
+    assert box.label == "Stored designs"
+    assert box.options == [f"{up} ↑1 · any start · 60 cells · guidance 0.8 · seed 1",
+                           f"{up} ↑1.5, {down} ↓1 · CD14+ Monocytes · 120 cells"]
+    assert box.value == newer  # the newest by default
+    assert any(m.startswith(f"**60** cells toward **{up}** ↑ 1 sd; starting context: any")
+               for m in texts(at.markdown))
+    box.set_value(older)
+    run(at)
+    stored = DesignResult.load(ws.evaluation_dir(run_key, older, kind="designs"))
+    shown = metrics(at)
+    assert shown["Cells meeting every target"] == f"{stored.summary['share_meeting_all']:.1%}"
+    assert shown["Nearest-real distance ratio"] == f"{stored.summary['nn_distance_ratio']:.2f}"
+    assert any(m.startswith(f"**120** cells toward **{up}** ↑ 1.5 sd, **{down}** ↓ 1 sd")
+               for m in texts(at.markdown))
+    assert at.dataframe[0].value["gene"].tolist() == [up, down]
+    # training loss; the design's cell types, violins and UMAP; the denoising's UMAP (one
+    # cell type: no marker genes)
+    assert [c.key for c in at.get("plotly_chart")] == ["dz_loss", "dz_types", "dz_violins",
+                                                       "dz_umap", "dn_umap"]
+
+    denoised = at.selectbox(key=f"dn_stored.{run_key}")
+    assert denoised.label == "Stored denoisings" and denoised.value == denoise_id
+    summary = json.loads((ws.evaluation_dir(run_key, denoise_id, kind="denoised")
+                          / "summary.json").read_text())
+    assert denoised.options == [f"B cells · strength 0.2 · {summary['n_cells']:,} cells"]
+    assert shown["Zero entries · denoised"] == f"{summary['zero_share_denoised']:.1%}"
+    assert [b.label for b in at.get("download_button")] == [
+        "Download designed cells (.h5ad)", "Download denoised cells (.h5ad)"]
+    assert "dz_job" not in at.session_state and "dn_job" not in at.session_state
+    assert manager.list() == []  # nothing was submitted
+
+    # a session that made the older design shows that one, not the newest
+    at = via_app("design")
+    at.session_state["dz_result"] = (run_key, older)
+    run(at)
+    assert at.selectbox(key=f"dz_stored.{run_key}").value == older
+    assert metrics(at)["Cells meeting every target"] == (
+        f"{stored.summary['share_meeting_all']:.1%}")

@@ -206,6 +206,7 @@ def violin_figure(violins: pd.DataFrame) -> Any:
 
     figure = px.violin(violins, x="gene", y="expression", color="group", box=True,
                        points=False)
+    figure.update_traces(spanmode="hard")  # no smoothed tails below zero expression
     figure.update_layout(violinmode="group", yaxis_title="log1p(normalised expression)",
                          height=380, margin={"l": 10, "r": 10, "t": 30, "b": 10})
     return figure

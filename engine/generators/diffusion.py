@@ -1028,7 +1028,7 @@ class DiffusionGenerator(Generator):
         return position
 
     def design(self, target: DesignTarget, *, n: int = 500, start: dict[str, str] | None = None,
-               scale: float = 0.5, seed: int = 0, guidance: float | None = None,
+               scale: float = 1.0, seed: int = 0, guidance: float | None = None,
                progress: Progress = no_progress) -> tuple[ad.AnnData, ad.AnnData]:
         """Generate ``n`` cells steered toward ``target``, starting from contexts ``start``
         (e.g. ``{"cell_type": "CD4 T cells"}``; other fields unconditioned).
