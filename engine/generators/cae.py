@@ -367,6 +367,16 @@ def numba_single_thread() -> Iterator[None]:
         numba.set_num_threads(before)
 
 
+def torch_device(wanted: str) -> Any:
+    """Return the torch device for a config's ``device`` choice: ``auto`` is CUDA when
+    present, else the CPU; ``cuda`` without a GPU gets a sentence."""
+    torch = _torch()
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserFacingError("This machine has no CUDA GPU; choose the device 'auto' or 'cpu'.")
+    use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 @contextmanager
 def capped_torch_threads() -> Iterator[None]:
     """Run torch on at most half the cores: on this project's two-core machines two torch
@@ -459,13 +469,7 @@ class CAEGenerator(Generator):
 
     # ---------------------------------------------------------------- fitting
     def _device(self) -> Any:
-        torch = _torch()
-        wanted = self.config.device
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise UserFacingError("This machine has no CUDA GPU; choose the device 'auto' or "
-                                  "'cpu'.")
-        use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-        return torch.device("cuda" if use_cuda else "cpu")
+        return torch_device(self.config.device)
 
     def fit(self, train: ad.AnnData | str | Path | None, *,
             progress: Progress = no_progress) -> None:
@@ -947,8 +951,6 @@ class CAEGenerator(Generator):
         self.module.to(device)
         self.device_used = device.type
         if state.get("releases"):
-            self.accountant = Accountant(method=state.get("method", "pld"))
-            for rel in state["releases"]:
-                self.accountant.gaussian(rel["name"], noise_multiplier=rel["noise_multiplier"],
-                                         count=rel["count"], sampling_rate=rel["sampling_rate"])
+            self.accountant = Accountant.from_releases(state["releases"],
+                                                       method=state.get("method", "pld"))
         self.reference = ad.read_h5ad(folder / "reference.h5ad")

@@ -55,7 +55,12 @@ import scipy.sparse as sp
 
 from engine.errors import DataError, UserFacingError
 from engine.generators.base import Capabilities, Generator, Progress, no_progress
-from engine.generators.cae import DEVICE_CHOICES, capped_torch_threads, log_normalise
+from engine.generators.cae import (
+    DEVICE_CHOICES,
+    capped_torch_threads,
+    log_normalise,
+    torch_device,
+)
 from engine.generators.registry import register
 
 DP_CHOICES = ("none", "dp-sgd")
@@ -478,13 +483,7 @@ class DiffusionGenerator(Generator):
 
     # ---------------------------------------------------------------- fitting
     def _device(self) -> Any:
-        torch = _torch()
-        wanted = self.config.device
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise UserFacingError("This machine has no CUDA GPU; choose the device 'auto' or "
-                                  "'cpu'.")
-        use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-        return torch.device("cuda" if use_cuda else "cpu")
+        return torch_device(self.config.device)
 
     def fit(self, train: ad.AnnData | None, *, progress: Progress = no_progress) -> None:
         """Train on the training cells: choose genes, fit the representation, then the
@@ -1134,7 +1133,4 @@ class DiffusionGenerator(Generator):
         self.network.to(device).eval()
         self.device_used = device.type
         if state.get("releases"):
-            self.accountant = Accountant()
-            for rel in state["releases"]:
-                self.accountant.gaussian(rel["name"], noise_multiplier=rel["noise_multiplier"],
-                                         count=rel["count"], sampling_rate=rel["sampling_rate"])
+            self.accountant = Accountant.from_releases(state["releases"])

@@ -61,6 +61,14 @@ class Accountant:
     method: str = "pld"
     releases: list[Release] = field(default_factory=list)
 
+    @classmethod
+    def from_releases(cls, releases: Sequence[dict[str, Any]], method: str = "pld"
+                      ) -> Accountant:
+        """Rebuild an accountant from stored releases (``Release.__dict__`` each)."""
+        accountant = cls(method=method)
+        accountant.releases = [Release(**r) for r in releases]
+        return accountant
+
     def gaussian(self, name: str, *, noise_multiplier: float, count: int = 1,
                  sampling_rate: float | None = None) -> None:
         """Record ``count`` Gaussian releases with noise std = multiplier × L2 sensitivity."""
