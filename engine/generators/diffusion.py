@@ -6,10 +6,10 @@ What is diffused (``space``):
 - ``pca`` (default): each cell is ``[z, ℓ]``, its scores on the top ``n_components``
   principal components of log1p(counts / library · 10⁴) over ``n_genes`` highly variable genes
   (each score standardised), and ℓ, its standardised log library size (counts over those
-  genes). A 51-dimensional state is
-  ~40× cheaper per step than 2,000 genes and, measured on Kang and pbmc3k (README), gives
-  more realistic cells; expression is read back linearly (``mean + z · components``), so
-  gene-level targets stay differentiable.
+  genes). A 51-dimensional state trained 13× faster per step than 2,000 genes on Kang (63
+  vs 4.9 steps/s) and, after the same 4,000 steps, gave far more realistic cells (label
+  accuracy 0.91 vs 0.12; README); expression is read back linearly (``mean + z ·
+  components``), so gene-level targets stay differentiable.
 - ``genes``: the standardised log-normalised genes themselves plus ℓ.
 
 The network predicts the noise ε of ``x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε`` (cosine or linear schedule
