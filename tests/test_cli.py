@@ -454,7 +454,8 @@ def test_mock_bad_scenario(workspace: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         pytest.param(["train", "--generator", "nope"],
-                     "Unknown generator 'nope'; known generators: cae, diffusion, dp-nmf, mock.",
+                     "Unknown generator 'nope'; known generators: bayes-nb, cae, diffusion, "
+                     "dp-nmf, mock.",
                      id="unknown-generator"),
         pytest.param(["train", "--generator", "mock", "--split", "deadbeef"],
                      "There is no split deadbeef in the workspace; make one on the Split page "

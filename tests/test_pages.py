@@ -440,7 +440,8 @@ def test_train_page_lists_the_mock_generator(ws: Workspace) -> None:
     generator = at.selectbox(key="generator")
     assert generator.options == ["Multimodal mock", "DP-NMF (CAMDA blue team)",
                                  "Cycle autoencoder (counterfactual)",
-                                 "Conditional diffusion (design, denoise)"]
+                                 "Conditional diffusion (design, denoise)",
+                                 "Bayesian negative binomial (PyMC, ADVI)"]
     assert generator.value == "mock"
     capabilities = next(m for m in texts(at.markdown) if m.startswith("`modalities"))
     assert capabilities == "`modalities: rna, atac, adt` `not private` `trains without a split`"

@@ -15,7 +15,8 @@ def register(cls: type[Generator]) -> type[Generator]:
 
 # The registry (and the Train page) lists the built-in generators in this order.
 BUILTIN_MODULES = ("engine.generators.mock_generator", "engine.generators.dp_nmf",
-                   "engine.generators.cae", "engine.generators.diffusion")
+                   "engine.generators.cae", "engine.generators.diffusion",
+                   "engine.generators.bayes_nb")
 
 
 def _load_builtin() -> None:
