@@ -35,7 +35,8 @@ keys = list(runs)
 run_key = st.selectbox(
     "Model", keys, index=keys.index(current("run_key")) if current("run_key") in keys else 0,
     format_func=lambda k: f"{capable[runs[k].generator]} · {k[:8]} "
-                          f"({runs[k].config.get('epochs', '?')} epochs)", key="cf_run")
+                          + (f"({runs[k].config['epochs']} epochs)" if "epochs" in runs[k].config
+                             else ""), key="cf_run")
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -68,25 +69,30 @@ def field_contributions(key: str, field_name: str) -> pd.DataFrame:
 obs = dataset_obs(record.id)
 fields = list(model.categories)
 
-with st.expander("What the model learnt: each head's size over training, and the losses"):
-    history = model.history_frame()
-    cols = st.columns(2)
-    with cols[0]:
-        st.caption("Mean L2 norm of each head's additive output per epoch: how much the base "
-                   "and each field contribute to the cells' expression.")
-        plotly(CF.head_norm_figure(history), key="cf_norms")
-    with cols[1]:
-        st.caption("Loss terms per epoch.")
-        plotly(CF.loss_figure(history), key="cf_losses")
-    cols = st.columns(2)
-    head_field = cols[0].selectbox("Field", fields, key="cf_head_field")
-    head_value = cols[1].selectbox("Context", model.categories[head_field],
-                                   key="cf_head_value")
-    st.caption(f"Per-gene contribution of the **{head_field}** head for **{head_value}**: its "
-               "mean output over the model's reference cells put in that context, minus its "
-               "mean over all values of the field.")
-    plotly(CF.context_figure(field_contributions(run_key, head_field), head_value),
-           key="cf_head_genes")
+if not hasattr(model, "head_contributions"):  # the Bayesian NB model has its own page
+    st.caption(f"{capable[runs[run_key].generator]}: a counterfactual keeps each cell's size "
+               "factor and latent factors and changes its condition. The posterior (effects, "
+               "dispersion, predictive checks) is on the Posterior page.")
+else:
+    with st.expander("What the model learnt: each head's size over training, and the losses"):
+        history = model.history_frame()
+        cols = st.columns(2)
+        with cols[0]:
+            st.caption("Mean L2 norm of each head's additive output per epoch: how much the base "
+                       "and each field contribute to the cells' expression.")
+            plotly(CF.head_norm_figure(history), key="cf_norms")
+        with cols[1]:
+            st.caption("Loss terms per epoch.")
+            plotly(CF.loss_figure(history), key="cf_losses")
+        cols = st.columns(2)
+        head_field = cols[0].selectbox("Field", fields, key="cf_head_field")
+        head_value = cols[1].selectbox("Context", model.categories[head_field],
+                                       key="cf_head_value")
+        st.caption(f"Per-gene contribution of the **{head_field}** head for **{head_value}**: its "
+                   "mean output over the model's reference cells put in that context, minus its "
+                   "mean over all values of the field.")
+        plotly(CF.context_figure(field_contributions(run_key, head_field), head_value),
+               key="cf_head_genes")
 
 # -- which cells ------------------------------------------------------------------------------
 st.subheader("1 · Pick cells")

@@ -182,7 +182,8 @@ def analyse(model: Any, cells: ad.AnnData, changes: dict[str, str], *,
         closeness["n_real_target_cells"] = int(in_target.sum())
         if in_target.sum() >= MIN_TARGET_CELLS:
             target_cells = real[np.flatnonzero(in_target)]
-            real_target = mean_log(log_normalised(target_cells, genes, model.config.target_sum))
+            target_sum = getattr(model.config, "target_sum", 1e4)
+            real_target = mean_log(log_normalised(target_cells, genes, target_sum))
             closeness["counterfactual"] = prediction_scores(after, before, real_target)
             closeness["unchanged_baseline"] = prediction_scores(before, before, real_target)
 

@@ -817,7 +817,11 @@ class BayesNBGenerator(Generator):
                                   f"{self.condition}.")
         if self.condition not in cells.obs:
             raise UserFacingError(f"The cells have no column '{self.condition}'.")
-        source_frame = cells.obs[[self.condition]].astype(str).reset_index(drop=True)
+        # The cell type rides along unchanged, so closeness is measured against real cells of
+        # the same type in the new condition.
+        kept = [c for c in (self.config.cell_type_key,) if c and c in cells.obs
+                and c != self.condition]
+        source_frame = cells.obs[[self.condition, *kept]].astype(str).reset_index(drop=True)
         target_frame = source_frame.copy()
         if self.condition in changes:
             target_frame[self.condition] = str(changes[self.condition])
