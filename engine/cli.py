@@ -387,6 +387,28 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_posterior(args: argparse.Namespace) -> int:
+    """Posterior-predictive checks and held-out RMSE of a Bayesian NB run."""
+    from engine.evaluate.posterior import PosteriorChecks
+    from engine.tasks import posterior_checks
+
+    context = _context(args)
+    result = posterior_checks({"run_key": args.run, "n_draws": args.draws,
+                               "max_cells": args.max_cells, "seed": args.seed}, context)
+    folder = context.workspace.evaluation_dir(args.run, result["posterior_id"],
+                                              kind="posterior")
+    summary = PosteriorChecks.load(folder).summary
+    checks, heldout = summary["checks"], summary["heldout"]
+    _print({**result, "folder": str(folder),
+            "coverage": {k: round(v, 4) for k, v in checks["coverage"].items()},
+            "cells_checked": checks["n_cells"], "genes": checks["n_genes"],
+            "replicates": checks["n_draws"],
+            "heldout_rmse": ({k: round(v, 4) for k, v in heldout["rmse"].items()}
+                             if heldout else None),
+            "heldout_cells": heldout["n_cells"] if heldout else 0})
+    return 0
+
+
 def cmd_generators(args: argparse.Namespace) -> int:
     from engine.generators.base import config_fields
     from engine.generators.registry import list_generators
@@ -815,6 +837,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the denoised cells (.h5ad) here")
     p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("posterior",
+                       help="Bayesian NB: posterior-predictive checks and held-out RMSE")
+    p.add_argument("--run", required=True, help="run key of a trained Bayesian NB model")
+    p.add_argument("--draws", type=int, default=50, help="replicated datasets")
+    p.add_argument("--max-cells", type=int, default=2000,
+                   help="training cells checked and held-out cells predicted, at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_posterior)
 
     p = sub.add_parser("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

@@ -251,7 +251,11 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
         generator_cls = get_generator(params["generator"])
     except ValueError as exc:
         raise UserFacingError(str(exc)) from exc
-    role_source = workspace.get_dataset(params["dataset_id"]) if params.get("dataset_id") else None
+    split_of_run = workspace.get_split(params["split_id"]) if params.get("split_id") else None
+    # The CLI may name only the split: its dataset gives the roles (and the run's dataset).
+    role_dataset = params.get("dataset_id") or (split_of_run.dataset_id if split_of_run
+                                                else None)
+    role_source = workspace.get_dataset(role_dataset) if role_dataset else None
     values = fill_role_fields(generator_cls.config_class, params.get("config") or {},
                               role_source.roles if role_source else {})
     if "seed" not in values:  # a config's own seed (fit draws) follows the run's seed
@@ -269,6 +273,7 @@ def train_generator(params: dict[str, Any], context: Context) -> dict[str, Any]:
         raise UserFacingError(
             f"There is no split {split_id} in the workspace; make one on the Split page first."
         )
+    dataset_id = dataset_id or (split.dataset_id if split else None)
     dataset = workspace.get_dataset(split.dataset_id) if split else None
     if dataset is not None and not dataset.is_counts and (
         generator_cls.capabilities.needs_training_data
@@ -681,6 +686,75 @@ def denoise(params: dict[str, Any], context: Context) -> dict[str, Any]:
                        f" of {out.uns['denoise']['timesteps']})."}
 
 
+def posterior_checks(params: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Posterior-predictive checks of a Bayesian run on its training cells, and its held-out
+    predictive RMSE on the split's test cells (see :mod:`engine.evaluate.posterior`).
+
+    params: ``run_key``, optional ``seed`` (default 0), ``n_draws`` (replicated datasets,
+    default 50), ``max_cells`` (cells checked / predicted, default 2000). Cached: writes
+    ``runs/<key>/posterior/<id>/`` (``checks.parquet``, ``rmse.csv``, ``summary.json``) once
+    per request.
+    """
+    from engine.evaluate.posterior import run_checks
+    from engine.generators.registry import get_generator
+    from engine.store import stable_hash
+
+    workspace = context.workspace
+    run = workspace.get_run(params["run_key"])
+    if run is None:
+        raise UserFacingError("That run is no longer in the workspace; train it again.")
+    try:
+        generator_cls = get_generator(run.generator)
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from exc
+    if not generator_cls.capabilities.posterior:
+        raise UserFacingError(f"{generator_cls.label} has no posterior to check; train a "
+                              "Bayesian negative binomial model on the Train page.")
+    request = {"seed": int(params.get("seed", 0)), "n_draws": int(params.get("n_draws", 50)),
+               "max_cells": int(params.get("max_cells", 2000))}
+    if not 2 <= request["n_draws"] <= 1000:
+        raise UserFacingError("Ask for between 2 and 1,000 replicated datasets.")
+    if not 10 <= request["max_cells"] <= 100_000:
+        raise UserFacingError("Check between 10 and 100,000 cells.")
+    result_id = stable_hash(request, length=12)
+    folder = workspace.evaluation_dir(run.key, result_id, kind="posterior")
+    if (folder / "summary.json").exists():
+        context.progress(1.0, "found the stored checks")
+        return {"run_key": run.key, "posterior_id": result_id, "cached": True,
+                "message": "Returned the stored posterior checks."}
+    context.progress(0.05, "loading the model")
+    model = load_model(workspace, run.key)
+    context.progress(0.1, "reading the training and held-out cells")
+    train = _real_cells_of(workspace, run)
+    if train is None:
+        raise UserFacingError("The run's training cells are no longer in the workspace; "
+                              "the checks need them.")
+    heldout = (workspace.load_split_side(run.split_id, "test")
+               if run.split_id and workspace.get_split(run.split_id) is not None else None)
+    context.progress(0.2, f"{request['n_draws']} replicated datasets and held-out predictions")
+    result = run_checks(model, train, heldout, n_draws=request["n_draws"],
+                        max_cells=request["max_cells"], seed=request["seed"])
+    result.summary["request"] = request
+    result.summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    context.progress(0.95, "writing the checks")
+    with workspace.building_evaluation(run.key, result_id, kind="posterior") as scratch:
+        result.save(scratch)
+    context.progress(1.0, "posterior checks stored")
+    coverage = result.summary["checks"]["coverage"]
+    message = (f"Checked {result.summary['checks']['n_cells']:,} training cells: "
+               f"{coverage['mean']:.0%} of genes inside the 90% predictive interval of the "
+               f"mean, {coverage['variance']:.0%} of the variance, "
+               f"{coverage['zero_fraction']:.0%} of the zero fraction.")
+    heldout_summary = result.summary["heldout"]
+    if heldout_summary:
+        rmse = heldout_summary["rmse"]
+        message += (f" Held-out RMSE {rmse['model']:.3f} (without latent factors "
+                    f"{rmse['model_without_factors']:.3f}, training mean {rmse['baseline']:.3f}).")
+    else:
+        message += " No held-out cells: the run has no split."
+    return {"run_key": run.key, "posterior_id": result_id, "cached": False, "message": message}
+
+
 TaskFn = Callable[[dict[str, Any], Context], dict[str, Any]]
 
 TASKS: dict[str, TaskFn] = {
@@ -693,6 +767,7 @@ TASKS: dict[str, TaskFn] = {
     "counterfactual": counterfactual,
     "design": design,
     "denoise": denoise,
+    "posterior_checks": posterior_checks,
 }
 
 

@@ -92,6 +92,7 @@ PAGES = (
     ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/counterfactual.py", "Counterfactual", ":material/swap_horiz:"),
     ("pages/design.py", "Design", ":material/tune:"),
+    ("pages/posterior.py", "Posterior", ":material/query_stats:"),
     ("pages/compare.py", "Compare", ":material/compare:"),
     ("pages/jobs.py", "Jobs", ":material/schedule:"),
 )
