@@ -163,9 +163,9 @@ if genes:
     plotly(PO.forest_figure(effects, genes, level=level), key="po_forest")
 else:
     st.caption("Pick genes to draw the forest plot.")
-st.caption("Every gene: the posterior mean effect against the probability of direction pd, "
-           "the posterior probability that the effect has the sign of its mean (0.5: the sign "
-           "is unknown; 1: all draws agree). The genes with the highest pd are labelled.")
+st.caption("Every gene: the posterior mean effect against the posterior probability that "
+           "the effect has the other sign (−log10, log axis; 0.3 means a coin toss, 2 one in a "
+           "hundred). Red: the 90% interval excludes 0. The most certain genes are labelled.")
 plotly(PO.volcano_figure(effects, level=level), key="po_volcano")
 observed = PO.observed_means(checks.checks) if checks is not None else None
 st.caption("Dispersion 1/φ (the NB variance is μ + μ²/φ, so 0 is Poisson) against mean "
