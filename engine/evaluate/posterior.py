@@ -24,8 +24,6 @@ Works on any fitted model with the interface of
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,19 +243,6 @@ def _column_stats(X: sp.csr_matrix) -> dict[str, np.ndarray]:
             "zero_fraction": 1.0 - nonzero / max(n, 1)}
 
 
-def _with_one_draw(model: Any, draw: int) -> Any:
-    """A shallow copy of ``model`` whose posterior holds only draw ``draw`` of the gene-level
-    parameters (per-cell moments unchanged): its ``draw_counts`` then uses that draw for
-    every cell, as one replicated dataset of a posterior-predictive check must."""
-    post = model.posterior
-    one = slice(draw, draw + 1)
-    view = copy.copy(model)
-    view.posterior = dataclasses.replace(post, beta0=post.beta0[one], beta1=post.beta1[one],
-                                         gamma=post.gamma[one], phi=post.phi[one],
-                                         V=post.V[one])
-    return view
-
-
 def _subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
     if n <= max_cells:
         return np.arange(n)
@@ -317,8 +302,7 @@ def predictive_checks(model: Any, cells: ad.AnnData, *, n_draws: int = 50,
     chosen = rng.choice(post.n_draws, size=n_draws, replace=n_draws > post.n_draws)
     replicated: dict[str, list[np.ndarray]] = {name: [] for name in STATISTICS}
     for draw in chosen:
-        X = _with_one_draw(model, int(draw)).draw_counts(codes, log_s_mean, log_s_sd, U_mean,
-                                                         U_sd, rng)
+        X = model.draw_counts(codes, log_s_mean, log_s_sd, U_mean, U_sd, rng, draw=int(draw))
         for name, values in _column_stats(X).items():
             replicated[name].append(values)
     observed = _column_stats(counts)

@@ -673,19 +673,21 @@ class BayesNBGenerator(Generator):
 
     def draw_counts(self, codes: np.ndarray, log_s_mean: np.ndarray, log_s_sd: np.ndarray,
                     U_mean: np.ndarray, U_sd: np.ndarray, rng: np.random.Generator,
-                    block: int = 2000) -> sp.csr_matrix:
-        """Posterior-predictive counts: for each cell a posterior draw of the gene parameters,
-        a draw of its latents, and NB counts (gamma-Poisson), in blocks of cells."""
+                    block: int = 2000, draw: int | None = None) -> sp.csr_matrix:
+        """Posterior-predictive counts: for each cell a posterior draw of the gene parameters
+        (``draw`` gives one for all cells: one replicated dataset of a predictive check), a
+        draw of its latents, and NB counts (gamma-Poisson), in blocks of cells."""
         post = self._require_fit()
         parts = []
         for start in range(0, codes.size, block):
             sl = slice(start, start + block)
             n = codes[sl].size
-            draw = rng.integers(0, post.n_draws, n)
+            draws = (rng.integers(0, post.n_draws, n) if draw is None
+                     else np.full(n, int(draw)))
             log_s = log_s_mean[sl] + log_s_sd[sl] * rng.standard_normal(n)
             U = U_mean[sl] + U_sd[sl] * rng.standard_normal(U_mean[sl].shape)
-            mu = np.exp(np.minimum(self._eta(draw, codes[sl], log_s, U), 30.0))
-            phi = post.phi[draw]
+            mu = np.exp(np.minimum(self._eta(draws, codes[sl], log_s, U), 30.0))
+            phi = post.phi[draws]
             rate = rng.gamma(phi, mu / phi)
             parts.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
         return sp.vstack(parts).tocsr() if parts else sp.csr_matrix(
