@@ -178,7 +178,8 @@ def test_saved_posterior_round_trips_as_netcdf_and_zarr(simulated, tmp_path: Pat
 def test_interferon_genes_are_the_largest_effects_on_kang() -> None:
     cells = ad.read_h5ad(KANG)
     model = BayesNBGenerator(BayesNBConfig(condition="condition", n_genes=400,
-                                           latent_factors=5, max_steps=800, seed=0))
+                                           latent_factors=5, batch_size=256, max_steps=800,
+                                           seed=0))
     model.fit(cells)
     assert model.levels == ["ctrl", "stim"]
     effect = pd.Series(model.posterior.beta1.mean(0)[0], index=model.gene_names)
