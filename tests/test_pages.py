@@ -455,6 +455,21 @@ def test_train_page_lists_the_mock_generator(ws: Workspace) -> None:
     assert not button(at, "Launch run").disabled  # the mock needs no real data
 
 
+def test_train_page_shows_the_bayesian_models_form(ws: Workspace) -> None:
+    at = run(page("train"))
+    at.selectbox(key="generator").set_value("bayes-nb")
+    run(at)
+    capabilities = next(m for m in texts(at.markdown) if m.startswith("`modalities"))
+    assert capabilities == "`modalities: rna` `conditional` `counterfactual` `posterior` " \
+        "`not private`"
+    labels = {w.label for w in [*at.number_input, *at.text_input, *at.selectbox]}
+    assert {"Condition column", "Reference level", "Latent factors K", "Gene-length table",
+            "Variational family", "Cells per minibatch"} <= labels
+    keys = {w.key for w in [*at.number_input, *at.text_input] if w.key}
+    assert "cfg.bayes-nb.condition_key" not in keys  # a column name comes from the roles
+    assert button(at, "Launch run").disabled  # it learns from real cells: no split yet
+
+
 @pytest.mark.shared_data
 def test_train_page_launches_a_run_on_a_split(ws: Workspace, manager: JobManager) -> None:
     dataset_id = import_kang(ws)
