@@ -303,3 +303,18 @@ def test_fit_streams_chunks_from_a_zarr_store(tmp_path: Path) -> None:
                          (metrics or {}).values()))
     assert model.posterior.log_s_mean.shape == (300,)
     assert len(messages) == 3 and messages == model.history["elbo"]
+
+
+def test_full_rank_advi_for_small_problems_only() -> None:
+    cells, truth = simulate(80, 5, latent_factors=0, seed=7)
+    model = BayesNBGenerator(BayesNBConfig(condition="condition", n_genes=5, latent_factors=0,
+                                           method="fullrank_advi", batch_size=40,
+                                           max_steps=600, seed=0))
+    model.fit(cells)
+    assert model.posterior.beta1.shape == (200, 1, 5)
+    assert np.corrcoef(model.posterior.beta1.mean(0)[0], truth["beta1"][0])[0, 1] > 0.8
+    assert (model.posterior.log_s_sd > 0).all()
+    big = BayesNBGenerator(BayesNBConfig(condition="condition", n_genes=5, latent_factors=3,
+                                         method="fullrank_advi", max_steps=10))
+    with pytest.raises(UserFacingError, match="Full-rank ADVI needs"):
+        big.fit(simulate(8000, 5, latent_factors=0, seed=7)[0])
