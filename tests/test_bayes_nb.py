@@ -318,3 +318,19 @@ def test_full_rank_advi_for_small_problems_only() -> None:
                                          method="fullrank_advi", max_steps=10))
     with pytest.raises(UserFacingError, match="Full-rank ADVI needs"):
         big.fit(simulate(8000, 5, latent_factors=0, seed=7)[0])
+
+
+def test_three_levels_give_two_effects_per_gene() -> None:
+    cells, truth = simulate(900, 8, latent_factors=0, n_levels=3, seed=8)
+    model = BayesNBGenerator(BayesNBConfig(condition="condition", reference="c1", n_genes=8,
+                                           latent_factors=0, batch_size=150, max_steps=1500,
+                                           seed=0))
+    model.fit(cells)
+    assert model.levels == ["c1", "c0", "c2"]
+    assert model.posterior.beta1.shape == (200, 2, 8)
+    # Against reference c1: c0's effect is -β1(c1) and c2's is β1(c2) - β1(c1) in the truth.
+    expected = np.vstack([-truth["beta1"][0], truth["beta1"][1] - truth["beta1"][0]])
+    estimated = model.posterior.beta1.mean(0)
+    assert np.corrcoef(estimated.ravel(), expected.ravel())[0, 1] > 0.95
+    out = model.sample(90, contexts=pd.DataFrame({"condition": ["c2"]}), seed=0)
+    assert (out.obs["condition"] == "c2").all()
