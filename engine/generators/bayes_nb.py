@@ -128,6 +128,10 @@ class BayesNBConfig:
     patience: int = field(default=3, metadata={
         "label": "Converged windows", "min": 1, "max": 100,
         "help": "Windows in a row under the tolerance before training stops."})
+    local_steps: bool = field(default=True, metadata={
+        "label": "Local Newton steps",
+        "help": "Set each batch's per-cell latents to their conditional mode and Laplace sd "
+        "before the global step (mean-field only); off: plain ADVI steps for them too."})
     averaging: float = field(default=0.99, metadata={
         "label": "Parameter averaging", "min": 0.0, "max": 0.99999, "step": 0.001,
         "help": "Decay of the moving average of the variational parameters that is kept "
@@ -549,10 +553,17 @@ class BayesNBGenerator(Generator):
         earliest_stop = math.ceil(cfg.min_epochs * source.n_obs / cfg.batch_size)
         self.history = {"step": [], "elbo": []}
         averaged = _ParameterAverage(inference.approx.params, cfg.averaging)
+        local = (_LocalUpdate(inference.approx.groups[0], k=cfg.latent_factors,
+                              n_levels=len(self.levels), codes=prepared.codes,
+                              level_share=self.level_share, log_length=self.log_length,
+                              size_prior=self.size_prior)
+                 if cfg.method == "advi" and cfg.local_steps else None)
         for steps, (rows, counts) in enumerate(_batches_forever(loader), start=1):
             batch["y"].set_value(counts)
             batch["rows"].set_value(rows)
             batch["codes"].set_value(prepared.codes[rows])
+            if local is not None:
+                local.update(rows, counts)
             loss = float(step())
             averaged.update()
             if not math.isfinite(loss):
@@ -957,13 +968,98 @@ class _ParameterAverage:
         self.values = [p.get_value().copy() for p in self.params] if decay > 0 else []
 
     def update(self) -> None:
+        if not self.values:  # decay 0: the last iterate is kept
+            return
         for value, param in zip(self.values, self.params, strict=True):
             value *= self.decay
             value += (1.0 - self.decay) * param.get_value(borrow=True)
 
     def apply(self) -> None:
+        if not self.values:
+            return
         for value, param in zip(self.values, self.params, strict=True):
             param.set_value(value)
+
+
+class _LocalUpdate:
+    """Per-cell latents set to their conditional optimum whenever their cells are in a batch
+    (stochastic variational inference's local step, Hoffman et al. 2013): given the current
+    means of the gene parameters, a few Newton steps find the mode of (log s_i, U_i) and the
+    Laplace approximation there gives their sds, written into the mean-field approximation's
+    μ and ρ. Without it each cell's latents get one noisy Adam step per pass over the data:
+    on 100,000 cells they had not converged after 20 passes (90 % coverage of φ 0.004)."""
+
+    def __init__(self, group: Any, *, k: int, n_levels: int, codes: np.ndarray,
+                 level_share: np.ndarray, log_length: np.ndarray | None,
+                 size_prior: tuple[float, float], iterations: int = 4) -> None:
+        self.mu = group.params_dict["mu"]
+        self.rho = group.params_dict["rho"]
+        self.slices = {name: info[1] for name, info in group.ordering.items()}
+        self.shapes = {name: info[2] for name, info in group.ordering.items()}
+        self.k, self.n_levels, self.codes = k, n_levels, codes
+        self.level_share = level_share
+        self.log_length = None if log_length is None else log_length - log_length.mean()
+        self.size_prior = size_prior
+        self.iterations = iterations
+        self.members = level_average_matrix(codes, n_levels)
+
+    def _read(self, mu: np.ndarray, name: str) -> np.ndarray:
+        return mu[self.slices[name]].reshape(self.shapes[name])
+
+    def update(self, rows: np.ndarray, counts: np.ndarray) -> None:
+        """Set the latents of the cells ``rows`` (their ``counts``: batch × genes)."""
+        mu = self.mu.get_value(borrow=True)
+        rho = self.rho.get_value()
+        phi = np.exp(self._read(mu, "phi_log__"))
+        codes = self.codes[rows]
+        indicator = (codes[:, None] == np.arange(1, self.n_levels)[None, :]).astype(float)
+        base = (self._read(mu, "beta0_centred")[None, :]
+                + (indicator - self.level_share[1:][None, :]) @ self._read(mu, "beta1"))
+        if self.log_length is not None:
+            base = base + self._read(mu, "gamma") * self.log_length[None, :]
+        k = self.k
+        log_s = self._read(mu, "log_s")[rows].copy()
+        if k:
+            U_all = self._read(mu, "U")
+            level_mean = (self.members @ U_all)[codes]
+            U = U_all[rows].copy()
+            V = self._read(mu, "V")
+        else:
+            level_mean = U = np.zeros((rows.size, 0))
+            V = np.zeros((0, base.shape[1]))
+        prior_mean, prior_sd = self.size_prior
+        design = np.vstack([np.ones((1, V.shape[1])), V])  # (K+1) × genes
+        eye = np.diag([1.0 / prior_sd**2] + [1.0] * k)
+        for _ in range(self.iterations):
+            eta = np.minimum(log_s[:, None] + base + (U - level_mean) @ V, 30.0)
+            mean = np.exp(eta)
+            gradient_eta = phi * (counts - mean) / (phi + mean)
+            weight = (counts + phi) * mean * phi / (phi + mean) ** 2
+            gradient = gradient_eta @ design.T
+            gradient[:, 0] -= (log_s - prior_mean) / prior_sd**2
+            gradient[:, 1:] -= U
+            precision = np.einsum("bg,ig,jg->bij", weight, design, design) + eye
+            step = np.linalg.solve(precision, gradient[:, :, None])[:, :, 0]
+            step = np.clip(step, -1.0, 1.0)  # damped: far from the mode a full step can jump
+            log_s += step[:, 0]
+            U += step[:, 1:]
+        sd = np.sqrt(np.diagonal(np.linalg.inv(precision), axis1=1, axis2=2))
+        mu = mu.copy()
+        start = self.slices["log_s"].start
+        mu[start + rows] = log_s
+        rho[start + rows] = _rho(sd[:, 0])
+        if k:
+            start = self.slices["U"].start
+            flat = (start + rows[:, None] * k + np.arange(k)[None, :]).ravel()
+            mu[flat] = U.ravel()
+            rho[flat] = _rho(sd[:, 1:]).ravel()
+        self.mu.set_value(mu)
+        self.rho.set_value(rho)
+
+
+def _rho(sd: np.ndarray) -> np.ndarray:
+    """ρ of PyMC's mean-field family for a standard deviation (sd = log1p(exp ρ))."""
+    return np.log(np.expm1(np.maximum(sd, 1e-8)))
 
 
 def _batches_forever(loader: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
