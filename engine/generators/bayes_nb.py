@@ -1029,6 +1029,8 @@ class _LocalUpdate:
             V = np.zeros((0, base.shape[1]))
         prior_mean, prior_sd = self.size_prior
         design = np.vstack([np.ones((1, V.shape[1])), V])  # (K+1) × genes
+        # Products of design rows, so each cell's (K+1)² precision is one matrix product.
+        outer = (design[:, None, :] * design[None, :, :]).reshape((k + 1) ** 2, -1).T
         eye = np.diag([1.0 / prior_sd**2] + [1.0] * k)
         for _ in range(self.iterations):
             eta = np.minimum(log_s[:, None] + base + (U - level_mean) @ V, 30.0)
@@ -1038,7 +1040,7 @@ class _LocalUpdate:
             gradient = gradient_eta @ design.T
             gradient[:, 0] -= (log_s - prior_mean) / prior_sd**2
             gradient[:, 1:] -= U
-            precision = np.einsum("bg,ig,jg->bij", weight, design, design) + eye
+            precision = (weight @ outer).reshape(-1, k + 1, k + 1) + eye
             step = np.linalg.solve(precision, gradient[:, :, None])[:, :, 0]
             step = np.clip(step, -1.0, 1.0)  # damped: far from the mode a full step can jump
             log_s += step[:, 0]
