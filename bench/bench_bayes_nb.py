@@ -36,7 +36,7 @@ Run (2 shared cores: nice it and leave it in the background)::
     PYTHONPATH=. nice -n 5 .venv/bin/python bench/bench_bayes_nb.py [--part all]
         [--cells 3000 --genes 300 --factors 3 --steps 4000]
         [--kang-steps 6000] [--scale-cells 100000 --scale-genes 2000 --baseline-steps 2000]
-        [--out-dir /work/scratch/bench_bnb] [--tmp /tmp]
+        [--out-dir DIR (default: <temp>/bench_bayes_nb)] [--tmp /tmp]
 """
 
 from __future__ import annotations
@@ -602,7 +602,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
-    parser.add_argument("--out-dir", default="/work/scratch/bench_bnb")
+    parser.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "bench_bayes_nb"))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cells", type=int, default=3000, help="recovery: cells")
     parser.add_argument("--genes", type=int, default=300, help="recovery: genes")
