@@ -29,7 +29,9 @@ What differs from the description, and why:
 Inference is mean-field ADVI (full-rank optionally, for small problems) with minibatches of
 cells: the likelihood of a batch is scaled by ``total_size`` (cells / batch), and every per-cell
 latent (log s_i, U_i) is indexed by the batch's cell positions, so the objective is an unbiased
-estimate of the full-data ELBO at every step. Cells are read chunk by chunk (``.h5ad``, AnnData
+estimate of the full-data ELBO at every step. Before each global step the batch's per-cell
+latents are set to their conditional mode and Laplace sd given the current gene parameters (the
+local step of stochastic variational inference). Cells are read chunk by chunk (``.h5ad``, AnnData
 Zarr or ``.npz`` chunks) through :class:`engine.data.chunks.TwoLevelLoader`; only one chunk of
 counts is in memory at a time. Training stops when the mean ELBO of a window of steps rises by
 less than ``tolerance`` (relative) or less than its noise ``patience`` windows running, after at
