@@ -20,26 +20,17 @@ How docs/posterior.png was made (Kang 2k, donor split, 1,000 genes, generator ba
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]
+sys.path.insert(0, str(REPO / "bench"))
+from screenshot_design import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402  (one server start)
+
 WIDTH = 1400
 
 
@@ -71,45 +62,6 @@ def prepare(source: Path, root: Path, run_key: str | None) -> dict[str, Any]:
             "fit": {k: info[k] for k in ("cells", "genes", "steps", "converged", "seconds",
                                          "method", "condition", "reference", "levels",
                                          "latent_factors", "posterior_draws")}}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(workspace: Path) -> Iterator[str]:
-    """``streamlit run app.py`` on a free port over ``workspace``; yield its URL."""
-    port = _free_port()
-    env = dict(os.environ, SYNTHCELL_WORKSPACE=str(workspace))
-    env.pop("SYNTHCELL_DATA_DIR", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    server.kill()
-                    raise SystemExit("streamlit did not start: "
-                                     + server.stdout.read().decode()[-2000:]) from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def screenshot(url: str, out: Path, run_key: str) -> dict[str, Any]:
