@@ -476,6 +476,21 @@ class Workspace:
         cached: ``runs/<key>/<kind>/<split_id>/``."""
         return self.run_dir(key) / kind / (split_id or "no-split")
 
+    def stored_results(self, key: str, kind: str) -> dict[str, dict[str, Any]]:
+        """{result id: summary} of run ``key``'s stored results of ``kind`` (designs,
+        denoised, posterior, …), newest first: the folders ``runs/<key>/<kind>/<id>/`` that
+        hold a readable ``summary.json``."""
+        base = self.run_dir(key) / kind
+        found = []
+        for path in (base.glob("*/summary.json") if base.is_dir() else []):
+            try:
+                found.append((path.stat().st_mtime_ns, path.parent.name,
+                              json.loads(path.read_text())))
+            except (OSError, ValueError):  # removed meanwhile, or half written by hand
+                continue
+        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return {result_id: summary for _, result_id, summary in found}
+
     @contextlib.contextmanager
     def building_evaluation(self, key: str, split_id: str | None,
                             kind: str = "evaluation") -> Iterator[Path]:

@@ -68,25 +68,10 @@ def load_denoised(path: str) -> tuple[dict[str, Any], pd.DataFrame]:
             pd.read_parquet(folder / "embedding.parquet"))
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def read_summary(path: str, mtime_ns: int) -> dict[str, Any]:
-    """A stored result's ``summary.json`` (cached per file version)."""
-    return json.loads(Path(path).read_text())
-
-
 def stored_results(kind: str) -> dict[str, dict[str, Any]]:
     """{result id: summary} of the chosen run's stored results of ``kind`` ("designs" or
-    "denoised"), newest first: the folders ``runs/<key>/<kind>/<id>/`` with a summary."""
-    base = ws.evaluation_dir(run_key, None, kind=kind).parent
-    found = []
-    for path in (base.glob("*/summary.json") if base.is_dir() else []):
-        try:
-            mtime_ns = path.stat().st_mtime_ns
-            found.append((mtime_ns, path.parent.name, read_summary(str(path), mtime_ns)))
-        except (OSError, ValueError):  # removed meanwhile, or half written by hand
-            continue
-    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return {result_id: summary for _, result_id, summary in found}
+    "denoised"), newest first."""
+    return ws.stored_results(run_key, kind)
 
 
 def choose_stored(kind: str, label: str, state_key: str, result_key: str,

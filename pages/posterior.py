@@ -4,7 +4,6 @@ the training cells, predictive error on held-out cells)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +58,6 @@ def cached_effects(key: str, root: str) -> pd.DataFrame:
     return PO.effects_table(cached_model(key, root))
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def read_summary(path: str, mtime_ns: int) -> dict[str, Any]:
-    """A stored result's ``summary.json`` (cached per file version)."""
-    return json.loads(Path(path).read_text())
-
-
 @st.cache_resource(max_entries=8, show_spinner="Reading the checks…")
 def load_checks(path: str, mtime_ns: int) -> PO.PosteriorChecks:
     return PO.PosteriorChecks.load(Path(path))
@@ -72,16 +65,7 @@ def load_checks(path: str, mtime_ns: int) -> PO.PosteriorChecks:
 
 def stored_checks() -> dict[str, dict[str, Any]]:
     """{result id: summary} of the chosen run's stored checks, newest first."""
-    base = ws.evaluation_dir(run_key, None, kind="posterior").parent
-    found = []
-    for path in (base.glob("*/summary.json") if base.is_dir() else []):
-        try:
-            mtime_ns = path.stat().st_mtime_ns
-            found.append((mtime_ns, path.parent.name, read_summary(str(path), mtime_ns)))
-        except (OSError, ValueError):  # removed meanwhile, or half written by hand
-            continue
-    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return {result_id: summary for _, result_id, summary in found}
+    return ws.stored_results(run_key, "posterior")
 
 
 def checks_label(summary: dict[str, Any]) -> str:
