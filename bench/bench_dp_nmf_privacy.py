@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import anndata as ad
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from any folder: the engine is importable
 SHARED = REPO.parent / "shared" / "data"
 DELTA = 1e-5
 ATTACKS = ("dcr", "domias", "classifier")

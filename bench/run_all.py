@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     results = {}
     for script in sorted(HERE.glob("bench_*.py")):
-        done = subprocess.run([sys.executable, str(script)], cwd=HERE.parent,
+        # A script's own folder, not the working folder, is on its import path: point
+        # PYTHONPATH at the repository so every benchmark can import the engine.
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        done = subprocess.run([sys.executable, str(script)], cwd=HERE.parent, env=env,
                               capture_output=True, text=True)
         if done.returncode != 0:
             results[script.stem] = {"error": done.stderr[-2000:]}
