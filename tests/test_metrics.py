@@ -337,3 +337,17 @@ def test_traffic_light_refuses_missing_numbers() -> None:
         m.traffic_light(float("nan"), 0.1, direction="lower", scale=0.05)
     with pytest.raises(ValueError):
         m.traffic_light(0.1, 0.1, direction="sideways", scale=0.05)  # type: ignore[arg-type]
+
+
+def test_tstr_with_one_synthetic_label_scores_the_constant_answer() -> None:
+    """Synthetic cells that all carry one label score what answering that label for every
+    real cell scores (macro F1 over the real labels), not a missing value."""
+    real, real_labels = _clusters(600, spread=3.0, seed=1)
+    synth, _ = _clusters(600, spread=3.0, seed=2)
+    one = np.full(len(synth), real_labels[0])
+    scores = m.tstr_f1(real, real_labels, synth, one)
+    share = np.mean(np.asarray(real_labels) == real_labels[0])
+    classes = len(np.unique(real_labels))
+    assert scores["f1_train_synth_test_real"] == pytest.approx(
+        2 * share / (1 + share) / classes)
+    assert 0 < scores["tstr_relative_f1"] < 0.3

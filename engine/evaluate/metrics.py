@@ -787,7 +787,8 @@ def tstr_f1(
     predictions from a stratified ``folds``-fold cross-validation on the real cells; both are
     macro F1 over the real labels (a type the synthetic data lacks scores 0);
     ``tstr_relative_f1`` — their ratio (≈ 1 when synthetic labels are as learnable as real
-    ones). ``nan`` where undefined (e.g. a single synthetic label).
+    ones). With a single synthetic label every real cell is predicted as it; ``nan`` where
+    undefined (no synthetic cells, or fewer than two real labels for the baseline).
     """
     a, b = _dense(real_pcs), _dense(synth_pcs)
     la, lb = _labels(real_labels), _labels(synth_labels)
@@ -815,10 +816,14 @@ def _tstr(
     seed: int,
 ) -> dict[str, float]:
     """Fill ``out`` for :func:`tstr_f1` (subsampled inputs)."""
-    if len(np.unique(lb)) >= 2:
-        model = train_label_classifier(b, lb, seed=seed)
+    synth_classes = np.unique(lb)
+    if len(synth_classes):
+        # One synthetic label teaches a classifier to answer it for every cell: a defined,
+        # low score, not a missing one (a generator whose cells all carry one label failed).
+        predicted = train_label_classifier(b, lb, seed=seed).predict(a) \
+            if len(synth_classes) >= 2 else np.full(len(a), synth_classes[0])
         out["f1_train_synth_test_real"] = float(
-            f1_score(la, model.predict(a), labels=classes, average="macro", zero_division=0)
+            f1_score(la, predicted, labels=classes, average="macro", zero_division=0)
         )
     n_splits = min(folds, int(pd.Series(la).value_counts().max()))
     if len(classes) >= 2 and n_splits >= 2:
