@@ -9,8 +9,13 @@ residual one (cell + decoded change). Baselines in the same run: the control cel
 unchanged, and the mean shift (control + the average stim − ctrl difference of the other cell
 types). Prints one JSON object.
 
-    python bench/bench_cae_counterfactual.py [--epochs 60] [--types "CD14+ Monocytes,B cells"]
+    python bench/bench_cae_counterfactual.py [--types "CD14+ Monocytes,B cells"]
         [--set name=value ...]
+
+Measured (defaults: interaction_field=auto, w_means=10; seeds 0-3, top-DE R² of the decoded
+counterfactual vs mean shift): CD14+ Monocytes 0.59-0.64 vs 0.498, CD4 T cells 0.92-0.94 vs
+0.901, B cells 0.931-0.943 vs 0.934 (seed 0: 0.931, below; the average of the four seeds'
+predictions: 0.941). Before both changes: 0.64-0.72, 0.91-0.93, 0.91-0.93.
 """
 
 from __future__ import annotations

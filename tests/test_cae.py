@@ -216,17 +216,26 @@ def test_counterfactual_task_on_kang(ws) -> None:
     assert again["cached"]
 
 
-def test_dp_sgd_per_cell_gradients_sum_to_the_batch_gradient() -> None:
+@pytest.mark.parametrize("interaction", [None, "condition"])
+def test_dp_sgd_per_cell_gradients_sum_to_the_batch_gradient(interaction: str | None) -> None:
     from opacus import GradSampleModule
     from opacus.grad_sample import register_grad_sampler
 
-    from engine.generators.cae import _tied_base_grad_sample, log_normalise
+    from engine.generators.cae import (
+        _context_gain_grad_sample,
+        _tied_base_grad_sample,
+        log_normalise,
+    )
 
     data = _toy(n_cells=40, n_genes=30)
     model = CAEGenerator(CAEConfig(fields="condition,cell_type", latent_dim=4, map_hidden=8))
     model.categories = {"condition": ["ctrl", "stim"], "cell_type": ["B", "T"]}
-    model.module = cae_module(30, model.categories, latent=4, hidden=8, scale=0.0159)
+    model.module = cae_module(30, model.categories, latent=4, hidden=8, scale=0.0159,
+                              interaction_field=interaction)
+    if interaction:  # non-zero gains, so the gradients that flow through them count too
+        torch.nn.init.normal_(model.module.gain.weight, std=0.5)
     register_grad_sampler(model.module.TiedBase)(_tied_base_grad_sample)
+    register_grad_sampler(model.module.ContextGain)(_context_gain_grad_sample)
     model.module.set_masked(True)
     wrapped = GradSampleModule(model.module, batch_first=True, loss_reduction="sum")
     counts = sp.csr_matrix(data.X)
@@ -291,3 +300,40 @@ def test_context_contributions_center_each_field(toy_model) -> None:
     assert list(table.columns) == ["ctrl", "stim"]
     np.testing.assert_allclose(table.sum(axis=1), 0.0, atol=1e-5)  # centred over the values
     assert (table["stim"].to_numpy()[EFFECT_GENES] > 0.2).all()
+
+
+def test_interaction_field_defaults_to_the_condition() -> None:
+    from engine.errors import UserFacingError
+    from engine.generators.cae import interaction_field
+
+    fields = ["cell_type", "condition"]
+    assert interaction_field(CAEConfig(condition_key="condition"), fields) == "condition"
+    assert interaction_field(CAEConfig(), fields) == "cell_type"  # no condition column: first
+    assert interaction_field(CAEConfig(interaction_field="none"), fields) is None
+    assert interaction_field(CAEConfig(), ["condition"]) is None  # nothing else to scale
+    with pytest.raises(UserFacingError, match="donor"):
+        interaction_field(CAEConfig(interaction_field="donor"), fields)
+
+
+def test_target_means_are_the_real_means_of_each_combination(toy_model) -> None:
+    from engine.evaluate.counterfactual import log_normalised
+
+    model, data = toy_model
+    assert "means" in model.history[-1] and model.module.interaction_field == "condition"
+    x = log_normalised(data, [str(g) for g in model.gene_names])
+    codes = model.codes_for(data.obs)
+    keys = model._combination_keys(codes)
+    assert sorted(model._target_means) == sorted(np.unique(keys).tolist())  # 2 × 2, all seen
+    for key, mean in model._target_means.items():
+        np.testing.assert_allclose(mean.cpu().numpy(), x[keys == key].mean(0), atol=1e-5)
+
+
+def test_a_combination_without_cells_has_no_target_mean() -> None:
+    data = _toy(n_cells=300, n_genes=40)
+    held_out = (data.obs["cell_type"] == "B") & (data.obs["condition"] == "stim")
+    model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=1))
+    model.fit(data[~held_out.to_numpy()].copy())
+    assert len(model._target_means) == 3
+    b_stim = model._combination_keys(model.codes_for(pd.DataFrame(
+        {"condition": ["stim"], "cell_type": ["B"]})))[0]
+    assert b_stim not in model._target_means

@@ -331,7 +331,7 @@ def loss_figure(history: pd.DataFrame) -> Any:
     import plotly.express as px
 
     terms = [c for c in ("reconstruction", "cycle", "integration", "target", "classifier",
-                         "loss") if c in history]
+                         "means", "loss") if c in history]
     table = history.melt(id_vars="epoch", value_vars=terms, var_name="term", value_name="value")
     figure = px.line(table, x="epoch", y="value", color="term", log_y=True)
     figure.update_layout(height=320, margin={"t": 30})
