@@ -76,13 +76,20 @@ if not hasattr(model, "head_contributions"):  # the Bayesian NB model has its ow
 else:
     with st.expander("What the model learnt: each head's size over training, and the losses"):
         history = model.history_frame()
+        n_members = getattr(model, "n_members", 1)
+        if n_members > 1:
+            st.caption(f"The model is the mean of **{n_members}** members trained with seeds "
+                       f"{model.config.seed}–{model.config.seed + n_members - 1}; its heads, "
+                       "the plots below and every counterfactual use that mean.")
         cols = st.columns(2)
         with cols[0]:
             st.caption("Mean L2 norm of each head's additive output per epoch: how much the base "
-                       "and each field contribute to the cells' expression.")
+                       "and each field contribute to the cells' expression"
+                       + (" (the members' mean output)." if n_members > 1 else "."))
             plotly(CF.head_norm_figure(history), key="cf_norms")
         with cols[1]:
-            st.caption("Loss terms per epoch.")
+            st.caption("Loss terms per epoch"
+                       + (", the mean over the members." if n_members > 1 else "."))
             plotly(CF.loss_figure(history), key="cf_losses")
         cols = st.columns(2)
         head_field = cols[0].selectbox("Field", fields, key="cf_head_field")

@@ -1,5 +1,6 @@
 """The cycle autoencoder: grouping of context maps, non-negative base, targets for every field,
-recovery of a known additive effect, save/load, and the counterfactual task on Kang."""
+recovery of a known additive effect, the ensemble as the mean of its members, save/load, and
+the counterfactual task on Kang."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from engine.generators.cae import CAEConfig, CAEGenerator, cae_module, draw_targets
+from engine.generators.cae import CAEConfig, CAEGenerator, cae_ensemble, cae_module, draw_targets
 from tests.conftest import KANG
 
 EFFECT_GENES = np.arange(10)
@@ -40,7 +41,17 @@ def _toy(seed: int = 0, n_cells: int = 600, n_genes: int = 120) -> ad.AnnData:
 def toy_model() -> tuple[CAEGenerator, ad.AnnData]:
     data = _toy()
     model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=40,
-                                   batch_size=64, latent_dim=16, seed=0))
+                                   batch_size=64, latent_dim=16, seed=0, ensemble_size=1))
+    model.fit(data)
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def pair_model() -> tuple[CAEGenerator, ad.AnnData]:
+    """A two-member ensemble (seed 3: members of seeds 3 and 4), few epochs."""
+    data = _toy(n_cells=300, n_genes=60)
+    model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=4,
+                                   batch_size=64, latent_dim=8, seed=3, ensemble_size=2))
     model.fit(data)
     return model, data
 
@@ -80,7 +91,8 @@ def test_targets_change_every_field_for_every_cell() -> None:
 
 def test_base_weights_stay_non_negative_and_loss_falls(toy_model) -> None:
     model, _ = toy_model
-    assert float(model.module.base_weight.detach().min()) >= 0.0
+    assert model.n_members == 1
+    assert float(model.module.members[0].base_weight.detach().min()) >= 0.0
     losses = [r["loss"] for r in model.history]
     assert losses[-1] < 0.5 * losses[0]
     assert {"norm_base", "norm_condition", "norm_cell_type"} <= set(model.history[-1])
@@ -153,11 +165,13 @@ def test_fit_from_npz_chunks_on_disk(tmp_path) -> None:
 
     data = _toy(n_cells=300)
     folder = write_npz_chunks(data, tmp_path / "chunks", chunk_size=64)
+    # two members: one loader, re-pointed per member, serves chunks read in the background
     model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=50, epochs=2,
-                                   batch_size=32, chunk_size=64))
+                                   batch_size=32, chunk_size=64, ensemble_size=2))
     model.fit(folder)
     assert model.n_train_cells == 300 and len(model.gene_names) == 50
-    assert model.reference.n_obs == 300
+    assert model.reference.n_obs == 300 and model.n_members == 2
+    assert [r["epoch"] for r in model.history] == [1, 2]
 
 
 @pytest.mark.shared_data
@@ -187,7 +201,8 @@ def test_counterfactual_task_on_kang(ws) -> None:
                            unit=split.unit, label=split.label, params=split.params(),
                            train_donors=split.train_donors, test_donors=split.test_donors)
     run = train_generator({"generator": "cae", "dataset_id": dataset_id, "split_id": record.id,
-                           "config": {"epochs": 20, "n_genes": 1000}, "seed": 0}, Quiet())
+                           "config": {"epochs": 20, "n_genes": 1000, "ensemble_size": 1},
+                           "seed": 0}, Quiet())
     model_config = ws.get_run(run["run_key"]).config
     assert model_config["condition_key"] == "condition"
     assert model_config["cell_type_key"] == "cell_type"
@@ -254,8 +269,13 @@ def test_dp_sgd_per_cell_gradients_sum_to_the_batch_gradient(interaction: str | 
 def test_dp_sgd_is_accounted_per_cell_and_per_donor() -> None:
     data = _toy(n_cells=200, n_genes=40)
     model = CAEGenerator(CAEConfig(fields="condition,cell_type", epochs=2, batch_size=50,
-                                   dp="dp-sgd", epsilon=3.0, n_genes=10))
-    model.fit(data)
+                                   dp="dp-sgd", epsilon=3.0, n_genes=10, ensemble_size=4))
+    messages: list[str] = []
+    model.fit(data, progress=lambda fraction, message="", **_: messages.append(message))
+    # one member, whatever ensemble_size says: a second would spend the budget again
+    assert model.members_to_train() == 1 and model.n_members == 1
+    assert any("DP-SGD trains one model, not an ensemble of 4" in m for m in messages)
+    assert "one model" in model.privacy_label
     spend = model.privacy_spend()
     assert spend["epsilon"] == pytest.approx(3.0, rel=0.01) and spend["epsilon"] <= 3.0
     assert spend["unit"] == "cell" and spend["delta"] == pytest.approx(1 / 2000)
@@ -320,6 +340,7 @@ def test_target_means_are_the_real_means_of_each_combination(toy_model) -> None:
 
     model, data = toy_model
     assert "means" in model.history[-1] and model.module.interaction_field == "condition"
+    assert model.module.members[0].interaction_field == "condition"
     x = log_normalised(data, [str(g) for g in model.gene_names])
     codes = model.codes_for(data.obs)
     keys = model._combination_keys(codes)
@@ -331,9 +352,120 @@ def test_target_means_are_the_real_means_of_each_combination(toy_model) -> None:
 def test_a_combination_without_cells_has_no_target_mean() -> None:
     data = _toy(n_cells=300, n_genes=40)
     held_out = (data.obs["cell_type"] == "B") & (data.obs["condition"] == "stim")
-    model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=1))
+    model = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=1,
+                                   ensemble_size=1))
     model.fit(data[~held_out.to_numpy()].copy())
     assert len(model._target_means) == 3
     b_stim = model._combination_keys(model.codes_for(pd.DataFrame(
         {"condition": ["stim"], "cell_type": ["B"]})))[0]
     assert b_stim not in model._target_means
+
+
+# ---------------------------------------------------------------------------------- ensemble
+def test_ensemble_output_and_each_head_are_the_members_mean(pair_model) -> None:
+    model, data = pair_model
+    assert model.n_members == 2
+    x, _ = model.cell_matrix(data)
+    codes = model.codes_for(data.obs.assign(condition="stim"))
+    x_hat, heads = model.decode(x, codes)
+    parts = [model.decode(x, codes, member=k) for k in range(2)]
+    assert not np.allclose(parts[0][0], parts[1][0])  # the members differ
+    np.testing.assert_allclose(x_hat, (parts[0][0] + parts[1][0]) / 2, atol=1e-5)
+    assert set(heads) == {"base", "condition", "cell_type"}
+    for head, out in heads.items():
+        np.testing.assert_allclose(out, (parts[0][1][head] + parts[1][1][head]) / 2, atol=1e-5)
+    # still additive: the ensemble's output is the sum of its (mean) heads
+    np.testing.assert_allclose(x_hat, sum(heads.values()), atol=1e-5)
+    # a counterfactual's change per head is the members' mean change per head
+    ctrl = data[data.obs["condition"] == "ctrl"]
+    result = model.counterfactual_expression(ctrl, {"condition": "stim"})
+    x_ctrl, _ = model.cell_matrix(ctrl)
+    before = [model.decode(x_ctrl, model.codes_for(ctrl.obs), member=k)[1] for k in range(2)]
+    after = [model.decode(x_ctrl, model.codes_for(ctrl.obs.assign(condition="stim")),
+                          member=k)[1] for k in range(2)]
+    for head in heads:
+        change = (result["heads_target"][head] - result["heads_source"][head]).mean(0)
+        members = [(a[head] - b[head]).mean(0) for a, b in zip(after, before, strict=True)]
+        np.testing.assert_allclose(change, np.mean(members, axis=0), atol=1e-5)
+    # per-gene context contributions (the Counterfactual page's bars) are the members' mean
+    table = model.head_contributions(data, "condition")
+    for value in ("ctrl", "stim"):
+        own = [model.decode(x, model.codes_for(data.obs.assign(condition=value)),
+                            member=k)[1]["condition"].mean(0) for k in range(2)]
+        np.testing.assert_allclose(table[value].to_numpy(), np.mean(own, axis=0), atol=1e-5)
+
+
+def test_each_member_is_the_model_of_its_own_seed(pair_model) -> None:
+    """Member k of an ensemble of seed s is the one-member model of seed s + k: its own
+    initialisation, target draws and batch order, untouched by the other members."""
+    model, data = pair_model
+    alone = CAEGenerator(CAEConfig(fields="condition,cell_type", n_genes=0, epochs=4,
+                                   batch_size=64, latent_dim=8, seed=4, ensemble_size=1))
+    alone.fit(data)
+    for mine, theirs in zip(model.module.members[1].state_dict().values(),
+                            alone.module.members[0].state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # the history is per epoch, of the ensemble: the loss terms are the members' mean
+    assert [r["epoch"] for r in model.history] == [1, 2, 3, 4]
+    assert {"loss", "means", "norm_base", "norm_condition"} <= set(model.history[-1])
+
+
+def test_ensemble_module_forward_is_the_mean_of_its_members() -> None:
+    torch.manual_seed(0)
+    categories = {"condition": ["ctrl", "stim"], "cell_type": ["B", "T"]}
+    members = [cae_module(20, categories, latent=4, hidden=8, scale=0.0159,
+                          interaction_field="condition") for _ in range(3)]
+    for member in members:  # non-zero gains, so the interaction term is averaged too
+        torch.nn.init.normal_(member.gain.weight, std=0.5)
+    ensemble = cae_ensemble(members)
+    x = torch.rand(10, 20)
+    codes = {"condition": torch.randint(0, 2, (10,)), "cell_type": torch.randint(0, 2, (10,))}
+    with torch.no_grad():
+        x_hat, hidden, outputs = ensemble(x, codes)
+        each = [m(x, codes) for m in members]
+        assert torch.allclose(x_hat, sum(e[0] for e in each) / 3, atol=1e-6)
+        for head in outputs:
+            assert torch.allclose(outputs[head], sum(e[2][head] for e in each) / 3, atol=1e-6)
+        assert hidden["condition"].shape == (10, 3 * 4)  # members' states side by side
+        logits = ensemble.classify(x)
+        assert torch.allclose(logits["cell_type"],
+                              sum(m.classify(x)["cell_type"] for m in members) / 3, atol=1e-6)
+
+
+def test_ensemble_save_load_round_trip(pair_model, tmp_path) -> None:
+    model, data = pair_model
+    model.save(tmp_path / "model")
+    with np.load(tmp_path / "model" / "weights.npz") as weights:
+        assert {k.split(".")[1] for k in weights.files} == {"0", "1"}
+    loaded = CAEGenerator.load(tmp_path / "model")
+    assert loaded.n_members == 2
+    before = model.counterfactual_expression(data[:40], {"condition": "stim"})
+    after = loaded.counterfactual_expression(data[:40], {"condition": "stim"})
+    for key in ("predicted", "decoded", "reconstructed"):
+        np.testing.assert_array_equal(after[key], before[key])
+    for head in before["heads_target"]:
+        np.testing.assert_array_equal(after["heads_target"][head], before["heads_target"][head])
+    assert loaded.history == model.history
+
+
+def test_a_model_saved_before_ensembles_loads_as_one_member(toy_model, tmp_path) -> None:
+    """Before ensembles, weights.npz held one module's tensors (``base.weight``, …) and
+    neither state.json nor config.json named an ensemble size."""
+    import json
+
+    model, data = toy_model
+    folder = tmp_path / "old"
+    model.save(folder)
+    with np.load(folder / "weights.npz") as weights:
+        old = {k.removeprefix("members.0."): weights[k] for k in weights.files}
+    assert "base.weight" in old
+    np.savez(folder / "weights.npz", **old)
+    for name, drop in (("state.json", None), ("config.json", "config")):
+        payload = json.loads((folder / name).read_text())
+        (payload[drop] if drop else payload).pop("ensemble_size")
+        (folder / name).write_text(json.dumps(payload))
+    loaded = CAEGenerator.load(folder)
+    assert loaded.n_members == 1
+    before = model.counterfactual_expression(data[:40], {"condition": "stim"})["predicted"]
+    after = loaded.counterfactual_expression(data[:40], {"condition": "stim"})["predicted"]
+    np.testing.assert_array_equal(after, before)

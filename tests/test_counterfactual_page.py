@@ -32,10 +32,14 @@ def test_page_makes_and_shows_a_counterfactual(ws: Workspace, manager: JobManage
     split_id = split_kang(ws, dataset_id)
     trained = train_generator({"generator": "cae", "dataset_id": dataset_id,
                                "split_id": split_id, "seed": 0,
-                               "config": {"epochs": 4, "n_genes": 600}}, ctx(ws))
+                               "config": {"epochs": 4, "n_genes": 600,
+                                          "ensemble_size": 2}}, ctx(ws))
     at = run(via_app("counterfactual"))
     assert at.selectbox(key="cf_run").value == trained["run_key"]
-    # head norms and losses over training, and one context's per-gene contributions
+    # head norms and losses over training (of the two members' mean model), and one
+    # context's per-gene contributions
+    assert "The model is the mean of **2** members trained with seeds 0–1" in " ".join(
+        texts(at.caption))
     assert len(at.get("plotly_chart")) == 3
     assert at.selectbox(key="cf_head_field").options == ["condition", "cell_type"]
     at.selectbox(key="cf_head_value").set_value("stim")

@@ -140,7 +140,9 @@ def analyse(model: Any, cells: ad.AnnData, changes: dict[str, str], *,
     cells' contexts with ``changes`` applied) are the reference for closeness, reported as
     R² of mean expression (all genes, top DE genes), direction agreement, and the same for
     the unchanged cells as a baseline. Returns the counterfactual cells, per-gene changes,
-    each head's contribution, and a joint UMAP (at most ``max_plot_cells`` per group).
+    each head's contribution, and a joint UMAP (at most ``max_plot_cells`` per group). For an
+    ensemble the expression, the heads' changes and norms are those of the members' mean
+    model (the summary names the number of members).
     """
     from engine.evaluate.embedding import umap_embedding
 
@@ -191,6 +193,8 @@ def analyse(model: Any, cells: ad.AnnData, changes: dict[str, str], *,
                                  max_cells=max_plot_cells, umap=umap_embedding)
     summary = {"changes": changes, "n_cells": int(cells.n_obs), "seed": int(seed),
                "fields": list(model.categories)}
+    if hasattr(model, "n_members"):
+        summary["ensemble_members"] = int(model.n_members)
     return CounterfactualResult(out, gene_table, heads, head_norms, embedding, closeness,
                                 summary)
 
@@ -314,7 +318,9 @@ def head_contribution_figure(heads: pd.DataFrame, genes: list[str]) -> Any:
 
 
 def head_norm_figure(history: pd.DataFrame) -> Any:
-    """Return the L2 norm of each head's output per epoch (interpretability over training)."""
+    """Return the L2 norm of each head's output per epoch (interpretability over training),
+    from the ``norm_<head>`` columns of a model's history (for an ensemble: the norms of the
+    members' mean output)."""
     import plotly.express as px
 
     columns = [c for c in history.columns if c.startswith("norm_")]
@@ -327,7 +333,8 @@ def head_norm_figure(history: pd.DataFrame) -> Any:
 
 
 def loss_figure(history: pd.DataFrame) -> Any:
-    """Return the training loss terms per epoch (log scale)."""
+    """Return the training loss terms per epoch (log scale), from a model's history (for an
+    ensemble: the members' mean per epoch)."""
     import plotly.express as px
 
     terms = [c for c in ("reconstruction", "cycle", "integration", "target", "classifier",
