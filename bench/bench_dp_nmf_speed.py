@@ -16,6 +16,8 @@ linear in cells; peak memory ≤ 8 GB at 1M.
     python bench/bench_dp_nmf_speed.py [--max-cells 1000000] [--timeout 5400]
                                        [--mem-limit-gb 16] [--skip-baseline]
                                        [--module path/to/patched/dp_nmf.py]
+                                       [--compare-module path/to/previous/dp_nmf.py]
+                                       [--sizes 100000,1000000] [--variants none,all]
                                        [--out bench/results/dp_nmf_speed.json]
 
 Each run reports fit and sample seconds, cells per second, the fit's stages (from its
@@ -283,16 +285,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--module", type=Path, default=MODULE,
                         help="the dp_nmf.py to measure (e.g. a patched copy); copied at start")
+    parser.add_argument("--compare-module", type=Path, default=None,
+                        help="a second dp_nmf.py (e.g. the code before a change) measured on "
+                        "the same data files in the same run: entries none_compare, "
+                        "all_compare")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated cell counts instead of 10k/100k/1M up to "
+                        "--max-cells")
+    parser.add_argument("--variants", default="none,all",
+                        help="which of none,all to run (the baseline is separate)")
     args = parser.parse_args(argv)
-    sizes = [n for n in SIZES if n <= args.max_cells] or [args.max_cells]
+    sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else (
+        [n for n in SIZES if n <= args.max_cells] or [args.max_cells])
     limits = {"timeout": args.timeout, "mem_limit_gb": args.mem_limit_gb}
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "dp_nmf_speed", "genes": args.genes, "aim": AIM,
                               "environment": _environment(args.module), "sizes": {}}
-    variants = (["baseline"] if not args.skip_baseline else []) + ["none", "all"]
+    dp_variants = [v for v in ("none", "all") if v in args.variants.split(",")]
+    variants = (["baseline"] if not args.skip_baseline else []) + dp_variants
+    if args.compare_module:
+        variants += [f"{v}_compare" for v in dp_variants]
+        result["environment"]["compare_module"] = str(args.compare_module)
     with tempfile.TemporaryDirectory(prefix="bench_dp_nmf_") as tmp:
         module = Path(tmp) / "dp_nmf_measured.py"
         shutil.copyfile(args.module, module)
+        compare = Path(tmp) / "dp_nmf_compared.py"
+        if args.compare_module:
+            shutil.copyfile(args.compare_module, compare)
         for n in sizes:
             path = Path(tmp) / f"cells{n}.h5ad"
             entry: dict[str, Any] = {"data": run(MAKE, str(n), str(args.genes), str(path),
@@ -300,8 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "error" not in entry["data"]:
                 for variant in variants:
                     code = BASELINE if variant == "baseline" else RUN
-                    argv = (str(path),) if variant == "baseline" else (str(module), str(path),
-                                                                         variant)
+                    measured = compare if variant.endswith("_compare") else module
+                    argv = (str(path),) if variant == "baseline" else (
+                        str(measured), str(path), variant.removesuffix("_compare"))
                     entry[variant] = run(code, *argv, **limits)
                     print(f"[bench_dp_nmf_speed] {n} cells, {variant}: "
                           f"{json.dumps(entry[variant])[:300]}", file=sys.stderr, flush=True)
@@ -314,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        "sample_seconds"),
                     "fit_plus_sample": _scaling({n: e.get(v, {}) for n, e in rows.items()},
                                                 "fit_plus_sample_seconds")}
-        for v in ("none", "all")}
+        for v in dp_variants}
     if not args.skip_baseline:
         result["linearity"]["baseline"] = _scaling(
             {n: e.get("baseline", {}) for n, e in rows.items()}, "seconds")
