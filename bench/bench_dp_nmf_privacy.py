@@ -7,14 +7,16 @@ Two settings, as the issue asks:
   is the cell (``donor_key=""``).
 - **Mock, donor level**: a simulated 200-donor dataset from the mock generator (paired RNA,
   8,000 cells, 1,000 genes), donor-disjoint 50 % split; the unit is the donor, at most 20
-  cells each.
+  cells each. ``--mock-donors N`` simulates N donors instead (40 cells each, the same
+  generator seed), to see how utility grows with the number of privacy units.
 
 Each point reports the accountant's ε, train-on-synthetic relative F1 and the real-vs-
 synthetic classifier AUROC (with floors), their ratio to the no-DP point, and the strongest
 membership attack's AUROC. Prints one JSON object.
 
     python bench/bench_dp_nmf_privacy.py [--epsilons 1,4,10] [--dp all] [--settings kang,mock]
-        [--seeds 0,1,2] [--clusters-from auto|kmeans|cell_type] [--set NAME=VALUE ...]
+        [--seeds 0,1,2] [--clusters-from auto|kmeans|cell_type] [--mock-donors 200]
+        [--set NAME=VALUE ...]
 
 With several ``--seeds`` each point is fitted and sampled once per seed (the generator's
 ``seed`` and the sampling seed; the evaluation seed stays 0): every seed's point is listed
@@ -54,12 +56,12 @@ def _kang() -> tuple[ad.AnnData, ad.AnnData, dict[str, Any], dict[str, Any]]:
     return train, test, roles, {"donor_key": ""}
 
 
-def _mock() -> tuple[ad.AnnData, ad.AnnData, dict[str, Any], dict[str, Any]]:
+def _mock(n_donors: int = 200) -> tuple[ad.AnnData, ad.AnnData, dict[str, Any], dict[str, Any]]:
     from engine.data.split import apply_split, split_cells
     from engine.generators.mock import generate_mock_dataset
 
-    adata, _ = generate_mock_dataset("paired", n_cells=8000, n_genes=1000, n_peaks=50,
-                                     n_proteins=5, n_donors=200, seed=3)
+    adata, _ = generate_mock_dataset("paired", n_cells=40 * n_donors, n_genes=1000,
+                                     n_peaks=50, n_proteins=5, n_donors=n_donors, seed=3)
     adata = ad.AnnData(adata.X, obs=adata.obs[["donor", "cell_type", "condition"]].copy(),
                        var=adata.var[[]])
     split = split_cells(adata.obs, donor_col="donor", stratify=["cell_type"],
@@ -125,14 +127,18 @@ def main() -> None:
                         help="further DPNMFConfig fields, for the DP and the no-DP points")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated fit/sample seeds; metrics are their means")
+    parser.add_argument("--mock-donors", type=int, default=200,
+                        help="donors of the mock setting (40 cells each; half train)")
     args = parser.parse_args()
     from engine.cli import _config_from_args
 
     overrides = _config_from_args(argparse.Namespace(config=None, set=args.set))
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    makers = {"kang_cell_level": _kang, "mock_200_donors_donor_level": _mock}
-    wanted = {"kang": "kang_cell_level", "mock": "mock_200_donors_donor_level"}
+    mock_name = f"mock_{args.mock_donors}_donors_donor_level"
+    makers = {"kang_cell_level": _kang,
+              mock_name: lambda: _mock(args.mock_donors)}
+    wanted = {"kang": "kang_cell_level", "mock": mock_name}
     out: dict[str, Any] = {"benchmark": "dp_nmf_privacy", "dp": args.dp, "delta": DELTA,
                            "clusters_from": args.clusters_from, "seeds": seeds,
                            "set": overrides}

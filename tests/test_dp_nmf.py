@@ -12,8 +12,12 @@ import scipy.sparse as sp
 from engine.generators.dp_nmf import (
     DPNMFConfig,
     DPNMFGenerator,
+    _cluster_sums,
+    _donor_profiles,
     _proportions_from_log_means,
+    _self_consistent_proportions,
     _shrunk_profiles,
+    _unit_cluster_weights,
     _zinb_moments,
     plan_privacy,
 )
@@ -180,6 +184,74 @@ def test_dp_all_with_donors(kang: ad.AnnData) -> None:
     assert {"basis profiles", "kmeans sums", "profile sums"} <= names
     assert model.privacy_label.startswith("DP (ε=4, δ=") and "unit=donor" in model.privacy_label
     assert synth.X.data.min() >= 0 and "privacy" in synth.uns
+
+
+def test_donor_level_profiles_cell_types_and_plan_equal_spend(kang: ad.AnnData) -> None:
+    model = _fit(kang, dp="all", donor_key="donor", max_cells_per_unit=20,
+                 cell_type_key="cell_type", epsilon_total=8.0)
+    assert model.clusters_by_type  # auto: cell types at donor level too
+    synth = model.sample(200, seed=0)
+    assert synth.X.nnz > 0 and synth.X.data.min() >= 0
+    spend = model.privacy_spend()
+    names = [r["name"] for r in spend["releases"]]
+    assert "cluster donor weights" in names and "profile scale" not in names
+    units = kang.obs["donor"].nunique()
+    plan = plan_privacy(model.config, n_units=units, n_labels=kang.obs["cell_type"].nunique())
+    assert sorted(names) == sorted(r["name"] for r in plan.releases)
+    assert spend["epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)
+    released = {r["name"]: r["noise_multiplier"] for r in spend["releases"]}
+    assert released == {r["name"]: r["noise_multiplier"] for r in plan.releases}
+
+
+def test_unit_cluster_weights_move_the_stacked_sums_by_at_most_one() -> None:
+    rng = np.random.default_rng(0)
+    units = rng.integers(0, 12, 400).astype(str)
+    clusters = rng.integers(0, 5, 400)
+    rows = rng.random((400, 30))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)  # unit-norm profiles
+    weights = _unit_cluster_weights(units, clusters)
+    full = _cluster_sums(rows * weights[:, None], clusters, 5)
+    for unit in np.unique(units):  # remove one donor: the others' weights are unchanged
+        rest = units != unit
+        without = _cluster_sums(rows[rest] * _unit_cluster_weights(units[rest],
+                                                                   clusters[rest])[:, None],
+                                clusters[rest], 5)
+        assert np.linalg.norm(full - without) <= 1.0 + 1e-9
+        mine = _cluster_sums(weights[~rest][:, None], clusters[~rest], 5)[:, 0]
+        share = np.bincount(clusters[~rest], minlength=5) / (~rest).sum()
+        assert np.allclose(mine, np.sqrt(share))  # Σ of its weights per cluster: sqrt(f)
+
+
+def test_self_consistent_proportions_need_no_scale() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.full(300, 0.3), size=2)
+    lib = np.array([1500.0, 4000.0])
+    profiles = []
+    for c in range(2):
+        logs = np.log1p(1e4 * rng.poisson(p[c] * lib[c], size=(3000, 300)) / lib[c])
+        profiles.append((logs / np.linalg.norm(logs, axis=1, keepdims=True)).mean(axis=0))
+    back = _self_consistent_proportions(np.array(profiles), lib, 1e4, 80.0)
+    assert np.allclose(back.sum(axis=1), 1.0, rtol=1e-3)
+    top = p > 0.01
+    assert np.allclose(back[top], p[top], rtol=0.25)
+
+
+def test_donor_profiles_shrink_noise_and_keep_a_clear_deviation() -> None:
+    rng = np.random.default_rng(2)
+    top = np.arange(40)
+    truth = np.full((3, 40), 0.1)
+    truth[0, :20] = 0.2  # cluster 0 departs on 20 genes; 1 and 2 are alike
+    noise = np.array([0.01, 0.01, 0.01])
+    means = truth + rng.normal(0.0, 0.01, truth.shape)
+    shares = np.array([0.3, 0.3, 0.4])
+    pooled = np.concatenate([shares @ truth, np.full(60, 0.001)])  # 60 faint genes
+    out = _donor_profiles(means, noise, shares, pooled, 1e-4, top)
+    assert out.shape == (3, 100) and np.all(out >= 0)
+    assert out[0, :20].mean() > 0.18 and abs(out[1, :20].mean() - out[2, :20].mean()) < 0.02
+    assert np.allclose(out[:, 40:], 0.001)  # outside the released genes: the pooled profile
+    flat = _donor_profiles(rng.normal(0.1, 0.05, (3, 40)), np.full(3, 0.05), shares,
+                           pooled, 1e-4, top)  # noise only: shrunk to the pooled mean
+    assert np.ptp(flat[:, :40], axis=0).max() < 0.05
 
 
 def test_plan_before_training_is_what_the_fit_spends(kang: ad.AnnData) -> None:
