@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -368,3 +369,50 @@ def test_proportions_from_log_means_invert_poisson_log_means() -> None:
     log_means = np.log1p(1e4 * counts / lib[0]).mean(axis=0, keepdims=True)
     back = _proportions_from_log_means(log_means, lib, 1e4)
     assert np.allclose(back, p, rtol=0.1)
+
+
+def _nb_donor_data(inv_r: dict[str, float], *, donors: int = 80, per_donor: int = 20,
+                   genes: int = 150, seed: int = 0) -> ad.AnnData:
+    """Cells of two types, each type's counts NB with its own 1 / r (0: Poisson), spread
+    over donors; each type has its own gene profile."""
+    rng = np.random.default_rng(seed)
+    types = list(inv_r)
+    profiles = rng.dirichlet(np.full(genes, 0.3), size=len(types))
+    n = donors * per_donor
+    labels = rng.integers(0, len(types), n)
+    library = np.exp(rng.normal(np.log(2000), 0.2, n))
+    mu = library[:, None] * profiles[labels]
+    rows = []
+    for i in range(n):
+        dispersion = inv_r[types[labels[i]]]
+        rate = rng.gamma(1 / dispersion, mu[i] * dispersion) if dispersion else mu[i]
+        rows.append(rng.poisson(rate))
+    obs = {"donor": np.repeat([f"d{d}" for d in range(donors)], per_donor),
+           "cell_type": np.asarray(types)[labels]}
+    return ad.AnnData(sp.csr_matrix(np.asarray(rows, dtype=np.float32)),
+                      obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(n)]),
+                      var=pd.DataFrame(index=[f"g{g}" for g in range(genes)]))
+
+
+def test_donor_level_zinb_recovers_each_clusters_over_dispersion() -> None:
+    train = _nb_donor_data({"overdispersed": 0.5, "poisson": 0.0})
+    model = _fit(train, dp="all", donor_key="donor", max_cells_per_unit=20,
+                 cell_type_key="cell_type", epsilon_total=20.0, seed=0)
+    inv_r = dict(zip(model.cluster_labels, 1.0 / model.params["r"].min(axis=1), strict=True))
+    assert inv_r["overdispersed"] == pytest.approx(0.5, abs=0.12)
+    assert inv_r["poisson"] < 0.1
+    synth = model.sample(seed=0)
+    def lognorm(x: np.ndarray) -> np.ndarray:
+        return np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+
+    kind = synth.obs["cell_type"].to_numpy() == "overdispersed"
+    real_kind = train.obs["cell_type"].to_numpy() == "overdispersed"
+    synth_var = lognorm(synth.X[kind].toarray()).var(axis=0).mean()
+    real_var = lognorm(train.X[real_kind].toarray()).var(axis=0).mean()
+    assert synth_var == pytest.approx(real_var, rel=0.25)  # not the Poisson spread
+    names = {r["name"] for r in model.privacy_spend()["releases"]}
+    assert "cluster dispersion sums" in names
+    poisson = _fit(train, dp="all", donor_key="donor", max_cells_per_unit=20,
+                   cell_type_key="cell_type", epsilon_total=20.0, sampling_method="poisson")
+    assert "cluster dispersion sums" not in {r["name"]
+                                             for r in poisson.privacy_spend()["releases"]}
