@@ -121,3 +121,44 @@ def test_released_noise_has_the_calibrated_spread() -> None:
 def test_default_delta_is_at_most_one_over_ten_units() -> None:
     assert default_delta(200) == pytest.approx(1 / 2000)
     assert default_delta(0) == 0.1
+
+
+def test_plain_gaussian_releases_compose_as_one_gaussian_exactly() -> None:
+    accountant = Accountant()
+    accountant.gaussian("profiles", noise_multiplier=3.0, count=4)
+    accountant.gaussian("sizes", noise_multiplier=5.0)
+    accountant.gaussian("libraries", noise_multiplier=1.5, count=2)
+    assert len(accountant.events()) == 1
+    merged = 1.0 / math.sqrt(4 / 9 + 1 / 25 + 2 / 1.5**2)
+    epsilon = accountant.epsilon(1e-5)
+    # PLD is pessimistic: at its ε the exact (analytic) δ is within budget, and 0.1 % less
+    # ε is not: the merged total is the exact one up to the discretisation.
+    assert analytic_gaussian_delta(merged, epsilon) <= 1e-5
+    assert analytic_gaussian_delta(merged, epsilon * 0.999) > 1e-5
+    accountant.gaussian("sampled", noise_multiplier=1.1, count=50, sampling_rate=0.01)
+    accountant.laplace("counts", noise_multiplier=10.0)
+    assert len(accountant.events()) == 3  # subsampled and Laplace releases stay apart
+    direct = pld.PLDAccountant()
+    direct.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.GaussianDpEvent(3.0 / 2), dp_accounting.GaussianDpEvent(5.0),
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.5), 2),
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 50),
+        dp_accounting.LaplaceDpEvent(10.0)]))
+    assert accountant.epsilon(1e-5) == pytest.approx(direct.get_epsilon(1e-5), rel=2e-3)
+    assert accountant.epsilon(1e-5) <= direct.get_epsilon(1e-5) + 1e-9  # never looser
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 4.0, 10.0])
+def test_calibration_of_plain_gaussians_is_analytic_and_spends_the_budget(
+        epsilon: float) -> None:
+    releases = [("profiles", "gaussian", 1, None, 1.0), ("sizes", "gaussian", 1, None, 3.0),
+                ("libraries", "gaussian", 2, None, 3.0), ("pooled", "gaussian", 1, None)]
+    multiplier = calibrate_noise_multiplier(epsilon=epsilon, delta=1e-5, releases=releases)
+    weight = math.sqrt(1 + 1 / 9 + 2 / 9 + 1)  # Σ count / factor²
+    assert multiplier == pytest.approx(gaussian_sigma(epsilon, 1e-5) * weight, rel=0.011)
+    accountant = Accountant()
+    for name, _, count, _, *factor in releases:
+        accountant.gaussian(name, noise_multiplier=multiplier * (factor[0] if factor else 1),
+                            count=count)
+    assert 0.995 * epsilon <= accountant.epsilon(1e-5) <= epsilon + 1e-9

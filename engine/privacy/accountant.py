@@ -16,6 +16,8 @@ import dp_accounting
 from absl import logging as absl_logging
 from dp_accounting import pld, rdp
 
+from engine.privacy.mechanisms import gaussian_sigma
+
 # RDP orders that fail to converge are excluded from the bound (it stays valid, slightly
 # looser); dp-accounting logs each one as a warning, which only floods the job logs.
 absl_logging.set_verbosity(absl_logging.ERROR)
@@ -79,6 +81,28 @@ class Accountant:
         """Record ``count`` Laplace releases with scale = multiplier × L1 sensitivity."""
         self.releases.append(Release(name, "laplace", float(noise_multiplier), int(count)))
 
+    def events(self) -> list[dp_accounting.DpEvent]:
+        """The dp-accounting events of every release, the Gaussian releases without
+        subsampling merged into one Gaussian of multiplier ``(Σ count / multiplier²)^-1/2``.
+
+        The merge is exact, not a bound: Gaussian mechanisms compose, adaptively too, like
+        one Gaussian whose sensitivity-to-noise ratio is the root sum of squares of theirs
+        (Dong, Roth & Su 2019, Gaussian differential privacy, Corollary 3.3). It makes the
+        PLD accountant discretise one event instead of a dozen (a DP-NMF plan at ε = 10 took
+        21 s of calibration, the Privacy page's total lagged its sliders by as much) and
+        loses nothing to the discretisation of each of them."""
+        inverse_square = 0.0
+        events: list[dp_accounting.DpEvent] = []
+        for release in self.releases:
+            plain = release.sampling_rate is None or release.sampling_rate >= 1.0
+            if release.mechanism == "gaussian" and plain:
+                inverse_square += release.count / release.noise_multiplier**2
+            else:
+                events.append(release.event())
+        if inverse_square > 0:
+            events.insert(0, dp_accounting.GaussianDpEvent(1.0 / math.sqrt(inverse_square)))
+        return events
+
     def _accountant(self) -> dp_accounting.PrivacyAccountant:
         if self.method == "pld":
             accountant = pld.PLDAccountant()
@@ -87,7 +111,7 @@ class Accountant:
         else:
             raise ValueError(f"method must be 'pld' or 'rdp', not {self.method!r}")
         if self.releases:
-            accountant.compose(dp_accounting.ComposedDpEvent([r.event() for r in self.releases]))
+            accountant.compose(dp_accounting.ComposedDpEvent(self.events()))
         return accountant
 
     def epsilon(self, delta: float) -> float:
@@ -123,7 +147,10 @@ def calibrate_noise_multiplier(
     the PLD one, so its answer is always within budget), then, for ``method="pld"``,
     narrows down with the tighter PLD accountant between 0.6× and 1× that answer. PLD is
     never evaluated at tiny multipliers, where its discretised loss distribution would need
-    gigabytes.
+    gigabytes. When every release is a Gaussian without subsampling they compose exactly
+    like one Gaussian (:meth:`Accountant.events`), whose multiplier for (ε, δ) is known
+    analytically (:func:`gaussian_sigma`): the answer is that, raised by the least of 0.01,
+    0.1 or 1 % that brings the PLD accountant's (pessimistic) total within budget.
     """
 
     def total(multiplier: float, how: str) -> float:
@@ -145,6 +172,15 @@ def calibrate_noise_multiplier(
                 break
         return high
 
+    if method == "pld" and all(mechanism == "gaussian" and (rate is None or rate >= 1.0)
+                               for _, mechanism, _, rate, *_ in releases):
+        weight = math.sqrt(sum(count / (factor[0] if factor else 1.0) ** 2
+                               for _, _, count, _, *factor in releases))
+        exact = gaussian_sigma(epsilon, delta) * weight
+        if exact >= PLD_MIN_MULTIPLIER:
+            for margin in (1.0001, 1.001, 1.01):
+                if total(exact * margin, "pld") <= epsilon:
+                    return exact * margin
     high = 1.0
     while total(high, "rdp") > epsilon:
         high *= 2.0
