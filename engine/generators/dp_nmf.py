@@ -1389,9 +1389,10 @@ class DPNMFGenerator(Generator):
         counts, clusters, n_clusters = data.counts, data.clusters, data.n_clusters
         lib = _library_sizes(counts)
         inv_r = np.zeros(len(clusters))
+        p_top = p[:, genes]
         for s, e, block in _float_blocks(counts):
             x = block[:, genes].toarray()
-            mu = lib[s:e, None] * p[clusters[s:e]][:, genes]
+            mu = lib[s:e, None] * p_top[clusters[s:e]]
             excess = ((x - mu) ** 2 - x).sum(axis=1)
             inv_r[s:e] = excess / np.maximum((mu**2).sum(axis=1), 1e-12)
         half = _INV_R_MAX / 2
