@@ -5,7 +5,7 @@ of a 1M-cell dataset without holding it in memory.
 Prints one JSON object. Every measurement is a fresh child process, so its peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own; the parent (which imports neither
 torch nor anndata, so children inherit no large RSS from it) also polls each child's RSS with
-psutil every 0.2 s (``max_rss_gb_polled``) and kills it past ``--mem-limit-gb`` or
+/proc every 0.2 s (``max_rss_gb_polled``) and kills it past ``--mem-limit-gb`` or
 ``--timeout`` (recorded as an error entry with the last stage reached, never a crash).
 
     PYTHONPATH=. .venv/bin/python bench/bench_cae_speed.py [--cells 10000] [--genes 2000]
@@ -78,7 +78,6 @@ members: four times the time). Reading and preparing the cells is under 3 % of t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -93,6 +92,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.watched_child import run_watched  # noqa: E402
 
 FIELDS = ("condition", "cell_type", "donor")
 BLOCK = 100_000
@@ -418,50 +419,19 @@ def run(code: str, *args: str, timeout: float, mem_limit_gb: float,
     """Run ``code`` in a fresh interpreter at niceness 5 (or the parent's, if higher); return
     its last stdout line as JSON plus ``max_rss_gb_polled`` and ``wall_seconds``, or an error
     entry (exit status, timeout or memory kill) with the stages it reported."""
-    import psutil
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        # children run at niceness 5 at least (the machine is shared)
-        nice = ["nice", "-n", str(5 - os.nice(0))] if os.nice(0) < 5 else []
-        child = subprocess.Popen([*nice, sys.executable, "-c", code, *args],
-                                 cwd=REPO, env=env, stdout=out, stderr=err, text=True)
-        max_rss, why = 0.0, None
-        while child.poll() is None:
-            # nice execs python in place: the child's pid is the interpreter's
-            with contextlib.suppress(psutil.Error):
-                max_rss = max(max_rss, psutil.Process(child.pid).memory_info().rss / 1e9)
-            elapsed = time.perf_counter() - start
-            if elapsed > timeout:
-                why = f"timeout after {elapsed:.0f} s (limit {timeout:.0f} s)"
-            elif max_rss > mem_limit_gb:
-                why = f"killed at RSS {max_rss:.1f} GB (limit {mem_limit_gb:.1f} GB)"
-            if why:
-                child.kill()
-                child.wait()
-                break
-            time.sleep(0.2)
-        elapsed = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    events = [json.loads(line)["event"] for line in stderr.splitlines()
-              if line.startswith('{"event"')]
-    lines = stdout.strip().splitlines()
-    if why is None and child.returncode == 0 and lines:
-        result = json.loads(lines[-1])
-        result["max_rss_gb_polled"] = round(max_rss, 3)
-        result["wall_seconds"] = round(elapsed, 1)
+    child = run_watched(code, *args, timeout=timeout, mem_limit_gb=mem_limit_gb,
+                        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                        niceness=5, poll=0.2)  # the machine is shared
+    result = child.result()
+    if result is None:
+        result = child.error()
+        result["stages_reached"] = result["stages_reached"][-8:]
     else:
-        noise = [line for line in stderr.splitlines() if not line.startswith('{"event"')]
-        result = {"error": why or f"exit status {child.returncode}: "
-                  + "\n".join(noise)[-1500:],
-                  "seconds_before_end": round(elapsed, 1),
-                  "max_rss_gb_polled": round(max_rss, 3), "stages_reached": events[-8:]}
+        result["max_rss_gb_polled"] = round(child.max_rss_gb, 3)
+        result["wall_seconds"] = round(child.seconds, 1)
     if label == "train_from_disk" and "error" not in result:
-        result["training_progress"] = [e for e in events if e.get("stage") == "training"][-5:]
+        result["training_progress"] = [e for e in child.events()
+                                       if e.get("stage") == "training"][-5:]
     print(f"[bench_cae_speed] {label}: {json.dumps(result)[:400]}", file=sys.stderr,
           flush=True)
     return result

@@ -44,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.watched_child import run_watched  # noqa: E402
+
 MODULE = REPO / "engine" / "generators" / "dp_nmf.py"
 SIZES = (10_000, 100_000, 1_000_000)
 AIM = {"fit_plus_sample_seconds_at_100k": {"none": 60.0, "all": 120.0},
@@ -185,51 +190,12 @@ print(json.dumps({
 """
 
 
-def _rss_gb(pid: int) -> float:
-    """Current resident set size of process ``pid`` in GB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def run(code: str, *args: str, timeout: float, mem_limit_gb: float) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter; return its last stdout line as JSON, or an
-    error entry (exit status, timeout or memory kill) with the last stage it reported."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env,
-                                 stdout=out, stderr=err, text=True)
-        max_rss, why = 0.0, None
-        while child.poll() is None:
-            max_rss = max(max_rss, _rss_gb(child.pid))
-            elapsed = time.perf_counter() - start
-            if elapsed > timeout:
-                why = f"timeout after {elapsed:.0f} s (limit {timeout:.0f} s)"
-            elif max_rss > mem_limit_gb:
-                why = f"killed at RSS {max_rss:.1f} GB (limit {mem_limit_gb:.1f} GB)"
-            if why:
-                child.kill()
-                child.wait()
-                break
-            time.sleep(0.25)
-        elapsed = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    events = []
-    for line in stderr.splitlines():
-        if line.startswith('{"event"'):
-            events.append(json.loads(line)["event"])
-    lines = stdout.strip().splitlines()
-    if why is None and child.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    noise = [line for line in stderr.splitlines() if not line.startswith('{"event"')]
-    return {"error": why or f"exit status {child.returncode}: " + "\n".join(noise)[-1500:],
-            "seconds_before_end": round(elapsed, 1), "max_rss_gb_polled": round(max_rss, 2),
-            "stages_reached": events}
+    error entry (exit status, timeout or memory kill) with the stages it reported."""
+    child = run_watched(code, *args, timeout=timeout, mem_limit_gb=mem_limit_gb)
+    result = child.result()
+    return child.error(rss_digits=2) if result is None else result
 
 
 def _label(n: int) -> str:
