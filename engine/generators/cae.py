@@ -54,6 +54,7 @@ samples and counterfactuals of training cells are labelled not private (see
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -201,7 +202,8 @@ def _torch() -> Any:
     return torch
 
 
-def _build_module_class() -> type:
+@functools.cache
+def _module_class() -> type:
     """Define the torch modules lazily, so importing the registry does not import torch."""
     torch = _torch()
     nn = torch.nn
@@ -420,26 +422,17 @@ def _context_gain_grad_sample(layer: Any, activations: list[Any], backprops: Any
     return {layer.weight: per_cell}
 
 
-_MODULE_CLASS: type | None = None
-
-
 def cae_module(n_genes: int, categories: dict[str, list[str]], *, latent: int, hidden: int,
                scale: float, interaction_field: str | None = None) -> Any:
     """Return a new :class:`CAEModule` (torch ``nn.Module``) for these genes and fields;
     ``interaction_field`` (one of the fields) gets the per-value gains on the other heads."""
-    global _MODULE_CLASS
-    if _MODULE_CLASS is None:
-        _MODULE_CLASS = _build_module_class()
-    return _MODULE_CLASS(n_genes, categories, latent, hidden, scale, interaction_field)
+    return _module_class()(n_genes, categories, latent, hidden, scale, interaction_field)
 
 
 def cae_ensemble(members: Sequence[Any]) -> Any:
     """Return a :class:`CAEEnsemble` (torch ``nn.Module``) whose outputs are the means of
     ``members`` (:class:`CAEModule` of the same genes and fields)."""
-    global _MODULE_CLASS
-    if _MODULE_CLASS is None:
-        _MODULE_CLASS = _build_module_class()
-    return _MODULE_CLASS.Ensemble(members)
+    return _module_class().Ensemble(members)
 
 
 def _set_order(loader: Any, seed: int, epoch: int) -> Any:
