@@ -515,8 +515,9 @@ def _unit_profile_sums(x: sp.csr_matrix, genes: np.ndarray, clusters: np.ndarray
                        n_clusters: int, *, weights: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each cell's row of ``x`` restricted to the columns ``genes`` and rescaled to L2 norm 1
-    (times its ``weights`` entry when given), summed per cluster (clusters × genes) and over
-    all cells (genes), with each cell's restricted norm before rescaling. Block by block: a
+    (times its ``weights`` entry when given), summed per cluster (clusters × genes; no rows
+    when ``n_clusters`` is 0) and over all cells (genes), with each cell's restricted norm
+    before rescaling. Block by block: a
     restricted, rescaled copy of the whole matrix was three full-size temporaries (14 GB at
     1M cells × 2k genes). Writes nothing."""
     every_gene = len(genes) == x.shape[1] and bool(np.all(genes == np.arange(x.shape[1])))
@@ -530,7 +531,8 @@ def _unit_profile_sums(x: sp.csr_matrix, genes: np.ndarray, clusters: np.ndarray
         if weights is not None:
             factor = factor * weights[s:e]
         block = sp.csr_matrix(sp.diags(factor) @ block)
-        per_cluster += _cluster_sums(block, clusters[s:e], n_clusters)
+        if n_clusters:
+            per_cluster += _cluster_sums(block, clusters[s:e], n_clusters)
         pooled += np.asarray(block.sum(axis=0)).ravel()
     return per_cluster, pooled, norms
 
@@ -1254,14 +1256,14 @@ class DPNMFGenerator(Generator):
         # fewer genes, each with more of the cell's budget. Other genes stay at 0.
         genes = self._basis_genes if self._basis_genes is not None else np.arange(
             counts.shape[1])
-        profile_sums, profile_pooled, kept = _unit_profile_sums(data.x, genes, clusters,
-                                                                n_clusters)
-        cell_scale = data.scale * kept
         # With donors as the unit the profiles are released later, donor-weighted, on the
         # pooled profile's top genes; with cells, here. (name, per-cluster sums,
         # sensitivity): one unit moves the stacked sums by ≤ cap × a row's bound, or by ≤ 1
         # for the donor weights.
         donor_weighted = _donor_weighted(cfg)
+        profile_sums, profile_pooled, kept = _unit_profile_sums(
+            data.x, genes, clusters, 0 if donor_weighted else n_clusters)
+        cell_scale = data.scale * kept
         blocks: list[tuple[str, np.ndarray, float]] = [
             ("cluster sizes", _cluster_sums(np.ones((len(clusters), 1)), clusters, n_clusters),
              float(cap))]
